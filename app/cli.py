@@ -1,0 +1,75 @@
+"""`kogpt-serve` entry point: flags generated from Settings, then uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from app.config import Settings
+
+
+def _arg_type(annotation: Any) -> tuple[Any, list[str] | None, bool]:
+    """(converter, choices, is_bool) for a Settings field annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _arg_type(args[0])
+    if origin is typing.Literal:
+        return str, [str(a) for a in args], False
+    if annotation is bool:
+        return None, None, True
+    if annotation in (int, float):
+        return annotation, None, False
+    return str, None, False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kogpt-serve",
+        description="Serve a KoGPT-2 checkpoint over HTTP with continuous batching. "
+        "Every flag can also be set as an environment variable KOGPT_<NAME>.",
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        converter, choices, is_bool = _arg_type(field.annotation)
+        env = f"KOGPT_{name.upper()}"
+        help_text = f"{field.description} [env {env}]"
+        if is_bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag, dest=name, type=converter, choices=choices, default=None, help=help_text
+            )
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+    namespace = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(namespace).items() if v is not None}
+    return Settings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    import uvicorn
+
+    from app.main import create_app
+
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,79 @@
+"""Server settings: KOGPT_* environment variables and `kogpt-serve` CLI flags.
+
+One pydantic-settings model; the CLI builds its flags from these fields, so `--help`,
+the environment and the README table cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_model_path() -> str:
+    from app.modeling.loader import DEFAULT_MODEL_DIR
+
+    return str(DEFAULT_MODEL_DIR)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KOGPT_", extra="ignore", protected_namespaces=())
+
+    model: str = Field(
+        default_factory=default_model_path,
+        description="Checkpoint directory or hub id (default: the embedded model in models/).",
+    )
+    served_model_name: str | None = Field(
+        default=None, description="Model name reported by the API (default: the directory name)."
+    )
+    host: str = Field(default="127.0.0.1", description="Address to bind.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port to bind.")
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
+        default="auto", description="Weights and KV dtype; auto = fp16/bf16 on GPU, fp32 on CPU."
+    )
+    max_num_seqs: int = Field(
+        default=256, ge=1, description="Most sequences (beams included) in one step's batch."
+    )
+    max_num_batched_tokens: int = Field(
+        default=2048,
+        ge=16,
+        description="Token budget of one engine step (prefill chunks + decodes).",
+    )
+    block_size: int = Field(default=16, ge=1, le=256, description="Tokens per KV cache block.")
+    num_kv_blocks: int | None = Field(
+        default=None,
+        ge=1,
+        description="KV cache blocks; default: enough for max_num_seqs full-length sequences "
+        "on CPU, or sized from free memory on GPU.",
+    )
+    kv_cache_memory_gb: float | None = Field(
+        default=None, gt=0, description="Alternative to num_kv_blocks: KV cache size in GiB."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="Fraction of GPU memory the server may use."
+    )
+    enable_prefix_caching: bool = Field(default=True, description="Share KV of equal prefixes.")
+    max_input_tokens: int | None = Field(
+        default=None, ge=1, description="Longest prompt accepted (default: n_positions - 1)."
+    )
+    max_total_tokens: int | None = Field(
+        default=None,
+        ge=2,
+        description="Longest prompt + output (default: the model's n_positions).",
+    )
+    max_waiting_requests: int = Field(
+        default=1024, ge=1, description="Waiting-queue bound; past it requests get 429."
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="If set, requests need `Authorization: Bearer <key>`."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level."
+    )
+    log_prompts: bool = Field(default=False, description="Log prompt and output text.")
+    seed: int = Field(
+        default=0, description="Seed of the engine's generator for unseeded requests."
+    )

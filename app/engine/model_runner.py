@@ -1,0 +1,36 @@
+"""Owns the KV tensors and the paged model; turns a SchedulerOutput into logits."""
+
+from __future__ import annotations
+
+import torch
+
+from app.engine.scheduler import SchedulerOutput
+from app.modeling.attention_metadata import build_step_input
+from app.modeling.gpt2 import KVCache, PagedGPT2
+
+
+def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:  # type: ignore[no-untyped-def]
+    """Key + value bytes of one block across all layers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layer * block_size * config.n_embd * elem
+
+
+class ModelRunner:
+    def __init__(self, hf_model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
+        self.config = hf_model.config
+        self.model = PagedGPT2.from_hf(hf_model)
+        self.device = next(hf_model.parameters()).device
+        self.dtype = self.model.dtype
+        self.block_size = block_size
+        self.kv_cache = KVCache.allocate(
+            self.config, num_blocks, block_size, self.dtype, self.device
+        )
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits [num sampling seqs, vocab], rows in the order of `out.seqs` that sample."""
+        self.kv_cache.copy_blocks(out.cow_copies)
+        step = build_step_input(
+            out.seqs, self.block_size, self.device, max_positions=self.config.n_positions
+        )
+        return self.model(step, self.kv_cache)
