@@ -1,0 +1,227 @@
+"""In-engine throughput benchmark (a script, never a test): `python -m tests.benchmarks.engine`.
+
+Same prompts, same run, greedy, fixed output length. For each concurrency it measures:
+- this engine (continuous batching over the paged KV cache);
+- transformers `generate` one request at a time (sequential);
+- transformers `generate` on one static, left-padded batch;
+- transformers continuous batching (`generate_batch`);
+- a roofline-style bound: the linear layers + LM head alone, on the same token counts.
+It prints tokens/s and ratios and writes JSON and a PNG plot (docs/benchmarks/ by default).
+Numbers are ratios measured side by side in one run: machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, GPT2LMHeadModel
+
+from app.engine.engine import EngineConfig, LLMEngine
+from app.engine.sampling_params import SamplingParams
+from app.modeling.loader import load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+    return [torch.randint(7, vocab, (n_tok,), generator=gen).tolist() for n_tok in lengths]
+
+
+def bench_engine(
+    model: GPT2LMHeadModel, tokenizer: Any, prompts: list[list[int]], new_tokens: int, options: list[dict[str, Any]] | None = None
+) -> dict[str, float]:
+    block_size = 16
+    per_seq = -(-(max(map(len, prompts)) + new_tokens) // block_size)
+    engine = LLMEngine(
+        model,
+        tokenizer,
+        EngineConfig(
+            num_blocks=per_seq * len(prompts) + 8,
+            block_size=block_size,
+            max_num_seqs=max(256, len(prompts)),
+            max_num_batched_tokens=2048,
+        ),
+    )
+    for i, prompt in enumerate(prompts):
+        extra = options[i] if options else {}
+        params = SamplingParams(
+            max_new_tokens=new_tokens, ignore_eos=True, **extra
+        )
+        engine.add_request(f"r{i}", prompt, params)
+    generated = 0
+    start = time.perf_counter()
+    first = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if first is None:
+                first = time.perf_counter() - start
+            generated += sum(len(s.token_ids) for s in out.outputs)
+    elapsed = time.perf_counter() - start
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    return {"tokens": generated, "seconds": elapsed, "tok_s": generated / elapsed}
+
+
+def _no_eos_config(new_tokens: int) -> GenerationConfig:
+    # eos_token_id -1 never matches: every system generates exactly `new_tokens`.
+    return GenerationConfig(
+        max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=3
+    )
+
+
+@torch.inference_mode()
+def bench_hf_sequential(model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+    cfg = _no_eos_config(new_tokens)
+    start = time.perf_counter()
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    elapsed = time.perf_counter() - start
+    tokens = new_tokens * len(prompts)
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+
+
+@torch.inference_mode()
+def bench_hf_static(model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), 3, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):  # left padding, as decoder-only generate needs
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=mask, generation_config=_no_eos_config(new_tokens))
+    elapsed = time.perf_counter() - start
+    tokens = new_tokens * len(prompts)
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+
+
+@torch.inference_mode()
+def bench_hf_continuous(model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+    start = time.perf_counter()
+    outs = model.generate_batch(prompts, generation_config=_no_eos_config(new_tokens), warmup=False)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in outs.values())
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+
+
+@torch.inference_mode()
+def bench_linear_bound(model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int, repeats: int = 3) -> dict[str, float]:
+    """Time of the matmuls alone: every prompt token through the layers once, then
+    `new_tokens` decode steps of the whole batch, LM head only where a token is sampled."""
+    tr = model.transformer
+    dim = model.config.n_embd
+
+    def layers(n: int, head_rows: int) -> float:
+        x = torch.randn(n, dim, dtype=model.dtype)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for block in tr.h:
+                torch.addmm(block.attn.c_attn.bias, x, block.attn.c_attn.weight)
+                torch.addmm(block.attn.c_proj.bias, x, block.attn.c_proj.weight)
+                h = torch.addmm(block.mlp.c_fc.bias, x, block.mlp.c_fc.weight)
+                torch.addmm(block.mlp.c_proj.bias, h, block.mlp.c_proj.weight)
+            torch.nn.functional.linear(x[:head_rows], model.lm_head.weight)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    prompt_tokens = sum(map(len, prompts))
+    seconds = layers(prompt_tokens, len(prompts)) + (new_tokens - 1) * layers(len(prompts), len(prompts))
+    tokens = new_tokens * len(prompts)
+    return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    systems = sorted({s for r in results["runs"] for s in r["systems"]})
+    for system in systems:
+        xs = [r["concurrency"] for r in results["runs"] if system in r["systems"]]
+        ys = [r["systems"][system]["tok_s"] for r in results["runs"] if system in r["systems"]]
+        ax.plot(xs, ys, marker="o", label=system)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"{results['model']} ({results['dtype']}, {results['new_tokens']} new tokens, greedy)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "models" / "kogpt2-base-random"))
+    parser.add_argument("--concurrency", default="1,16,64,256")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-min", type=int, default=8)
+    parser.add_argument("--prompt-max", type=int, default=64)
+    parser.add_argument("--sequential-requests", type=int, default=4, help="HF sequential runs this many (its rate does not depend on concurrency)")
+    parser.add_argument("--skip", default="", help="comma list of: sequential,static,continuous,bound,options")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    loaded = load_model(args.model, device="cpu", dtype="float32")
+    model = loaded.model
+    results: dict[str, Any] = {
+        "model": Path(args.model).name,
+        "dtype": "float32",
+        "new_tokens": args.new_tokens,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "runs": [],
+    }
+    vocab = int(model.config.vocab_size)
+    seq_rate = None
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        prompts = make_prompts(concurrency, args.prompt_min, args.prompt_max, vocab, seed=concurrency)
+        bench_engine(model, loaded.tokenizer, prompts[:2], 4)  # warm-up
+        systems: dict[str, dict[str, float]] = {"kogpt-serve": bench_engine(model, loaded.tokenizer, prompts, args.new_tokens)}
+        if "options" not in skip:
+            # Half of the batch with per-request options: measures the cost of the option path.
+            opts = [
+                {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": i} if i % 2 else {}
+                for i in range(concurrency)
+            ]
+            systems["kogpt-serve (half with options)"] = bench_engine(model, loaded.tokenizer, prompts, args.new_tokens, opts)
+        if "sequential" not in skip:
+            if seq_rate is None:
+                seq_rate = bench_hf_sequential(model, prompts[: args.sequential_requests], args.new_tokens)
+            systems["hf sequential generate"] = seq_rate
+        if "static" not in skip:
+            systems["hf static batch"] = bench_hf_static(model, prompts, args.new_tokens)
+        if "continuous" not in skip:
+            systems["hf generate_batch"] = bench_hf_continuous(model, prompts, args.new_tokens)
+        if "bound" not in skip:
+            systems["linear-layer bound"] = bench_linear_bound(model, prompts, args.new_tokens)
+        ours = systems["kogpt-serve"]["tok_s"]
+        ratios = {name: ours / s["tok_s"] for name, s in systems.items() if name != "kogpt-serve"}
+        results["runs"].append({"concurrency": concurrency, "systems": systems, "ratios_ours_over": ratios})
+        print(f"\n== concurrency {concurrency} ==")
+        for name, s in systems.items():
+            print(f"  {name:34s} {s['tok_s']:9.1f} tok/s  ({s['seconds']:.2f} s)")
+        for name, r in ratios.items():
+            print(f"  kogpt-serve / {name:28s} {r:6.2f}x")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine_cpu.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "engine_cpu.png")
+    print(f"\nwrote {out / 'engine_cpu.json'} and {out / 'engine_cpu.png'}")
+
+
+if __name__ == "__main__":
+    main()
