@@ -60,8 +60,8 @@ class SimEngine:
         for item in out.seqs:
             request = self.scheduler.requests[item.request_id]
             seq = next(s for s in request.seqs if s.seq_id == item.seq_id)
-            assert item.token_ids == seq.token_ids[item.start_pos : item.start_pos + len(item.token_ids)]
             end = item.start_pos + len(item.token_ids)
+            assert item.token_ids == seq.token_ids[item.start_pos : end]
             assert len(item.block_table) * bs >= end
             for pos in range(item.start_pos, end):
                 slot = item.block_table[pos // bs] * bs + pos % bs
