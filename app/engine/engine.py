@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from app.engine.beam_search import BeamSearch, prepare_generation
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.kv_cache_manager import KVCacheManager
 from app.engine.model_runner import ModelRunner
 from app.engine.request import FinishReason, Request, Sequence
 from app.engine.sampler import Sampler, SamplingRow, make_generator
 from app.engine.sampling_params import SamplingParams
-from app.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from app.engine.scheduler import Scheduler, SchedulerConfig
 from app.engine.stop import StopChecker, StopStringTextFilter, token_bytes_table
 
 logger = logging.getLogger("kogpt.engine")
@@ -47,6 +48,7 @@ class SequenceOutput:
     logprobs: list[float]
     num_output_tokens: int
     finish_reason: FinishReason | None = None
+    score: float | None = None  # beam search: the hypothesis' sequence score
 
 
 @dataclass
@@ -66,6 +68,7 @@ class _RequestState:
     params: SamplingParams
     stop: StopChecker
     generator: torch.Generator | None
+    beam: BeamSearch | None = None
     first_token_time: float | None = None
 
 
@@ -101,15 +104,22 @@ class LLMEngine:
             [seq],
             max_total_tokens=params.stop_length(prompt_len),
             params=params,
-            max_num_seqs=params.num_return_sequences,
+            max_num_seqs=max(params.num_beams, params.num_return_sequences),
         )
         stop = StopChecker(params, prompt_len, self.token_bytes if params.stop_strings else None)
-        self.scheduler.add_request(request)  # raises SchedulerCapacityError if it can never fit
         generator = None
         if params.seed is not None and params.do_sample:
             generator = make_generator(params.seed, self.runner.device)
+        beam = None
+        if params.num_beams > 1:
+            # generate itself prepares processors and stopping criteria: exact semantics.
+            prepared = prepare_generation(
+                self.runner.hf_model, prompt_token_ids, params.generate_kwargs, self.tokenizer
+            )
+            beam = BeamSearch(prepared, prompt_token_ids, generator)
+        self.scheduler.add_request(request)  # raises SchedulerCapacityError if it can never fit
         self._init_sequence(seq, params)
-        self._states[request_id] = _RequestState(request, params, stop, generator)
+        self._states[request_id] = _RequestState(request, params, stop, generator, beam)
 
     def _init_sequence(self, seq: Sequence, params: SamplingParams) -> None:
         seq.data["detok"] = IncrementalDetokenizer(self.tokenizer, seq.token_ids[: seq.prompt_len])
@@ -134,60 +144,128 @@ class LLMEngine:
             logits = self.runner.execute(sched)
         except Exception as err:  # a broken forward fails the requests in it, not the engine
             logger.exception("forward failed")
-            return self._fail({item.request_id for item in sched.seqs}, err)
+            return self._fail({item.request_id: err for item in sched.seqs})
         self.scheduler.update_from_output(sched)
-        if not sampling:
-            return []
-        tokens, logprobs, failed = self._sample(logits, sampling)
         outputs: dict[str, RequestOutput] = {}
+        failed: dict[str, Exception] = {}
+        # Rows of `logits` per request, in the order of the request's sequences.
+        groups: dict[str, dict[int, int]] = {}
         for row, item in enumerate(sampling):
-            if item.request_id in failed:
+            groups.setdefault(item.request_id, {})[item.seq_id] = row
+        plain: list[tuple[_RequestState, dict[int, int]]] = []
+        for request_id, rows in groups.items():
+            state = self._states[request_id]
+            if state.beam is None:
+                plain.append((state, rows))
                 continue
             try:
-                self._advance(item, tokens[row], logprobs[row], outputs)
+                self._beam_step(state, logits[list(rows.values())], outputs)
             except Exception as err:
-                logger.exception("request %s failed", item.request_id)
-                failed[item.request_id] = err
-        result = list(outputs.values())
-        result += self._fail(set(failed), failed) if failed else []
-        return result
+                logger.exception("request %s failed", request_id)
+                failed[request_id] = err
+        for state, seqs, tokens, logprobs in self._sample(logits, plain, failed):
+            try:
+                if len(seqs) > len(state.request.seqs):  # first token of n > 1 sequences
+                    self._fork_siblings(state)
+                    seqs = state.request.seqs
+                for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+                    self._advance(state, seq, token, logprob, outputs)
+            except Exception as err:
+                logger.exception("request %s failed", state.request.request_id)
+                failed[state.request.request_id] = err
+        return list(outputs.values()) + (self._fail(failed) if failed else [])
+
+    def _sampling_rows(
+        self, state: _RequestState, rows: dict[int, int], dummy_row: int
+    ) -> tuple[list[Sequence], list[SamplingRow], list[int]]:
+        """Sampler rows of one request: one per live sequence; for num_return_sequences,
+        n copies of the prompt's row on the first token, and a dummy row for a finished
+        sibling so a seeded generator advances exactly as generate's batched draw does."""
+        request, params = state.request, state.params
+        seqs: list[Sequence] = []
+        sampler_rows: list[SamplingRow] = []
+        logit_rows: list[int] = []
+        first = request.seqs[0]
+        siblings = request.seqs
+        if len(siblings) == 1 and params.num_return_sequences > 1:
+            siblings = [first] * params.num_return_sequences
+        for seq in siblings:
+            if seq.is_finished and state.generator is None:
+                continue
+            seqs.append(seq)
+            sampler_rows.append(
+                SamplingRow.from_params(params, seq.token_ids, seq.prompt_len, state.generator)
+            )
+            logit_rows.append(dummy_row if seq.is_finished else rows[seq.seq_id])
+        return seqs, sampler_rows, logit_rows
 
     def _sample(
-        self, logits: torch.Tensor, items: list[ScheduledSeq]
-    ) -> tuple[list[int], list[float], dict[str, Exception]]:
-        """Batched sampling; if the batch raises, rows are retried one by one to isolate it."""
-        rows = []
-        failed: dict[str, Exception] = {}
-        for item in items:
-            state = self._states[item.request_id]
-            seq = self._find_seq(state.request, item.seq_id)
-            rows.append(
-                SamplingRow.from_params(
-                    state.params, seq.token_ids, seq.prompt_len, state.generator
-                )
-            )
+        self,
+        logits: torch.Tensor,
+        plain: list[tuple[_RequestState, dict[int, int]]],
+        failed: dict[str, Exception],
+    ) -> list[tuple[_RequestState, list[Sequence], list[int], list[float]]]:
+        """One batched sampler call; if it raises, requests are retried one by one so
+        the failing one is isolated. Dummy rows (finished siblings) are dropped."""
+        if not plain:
+            return []
+        padded = torch.cat([logits, logits.new_zeros(1, logits.shape[1])])
+        dummy = logits.shape[0]
+        built = []
+        for state, rows in plain:
+            try:
+                built.append((state, *self._sampling_rows(state, rows, dummy)))
+            except Exception as err:
+                failed[state.request.request_id] = err
+        chunks: list[list[tuple[Any, ...]]] = [built]
         try:
-            out = self.sampler.sample(logits, rows)
-            return out.token_ids, out.logprobs, failed
+            results = [self._sample_chunk(padded, built)]
         except Exception:
-            tokens, logprobs = [0] * len(items), [0.0] * len(items)
-            for i, (item, row) in enumerate(zip(items, rows, strict=True)):
+            chunks, results = [], []
+            for one in built:
                 try:
-                    one = self.sampler.sample(logits[i : i + 1], [row])
-                    tokens[i], logprobs[i] = one.token_ids[0], one.logprobs[0]
+                    results.append(self._sample_chunk(padded, [one]))
+                    chunks.append([one])
                 except Exception as err:
-                    failed[item.request_id] = err
-            return tokens, logprobs, failed
+                    failed[one[0].request.request_id] = err
+        out = []
+        for chunk, (tokens, logprobs) in zip(chunks, results, strict=True):
+            offset = 0
+            for state, seqs, _rows, _logit_rows in chunk:
+                n = len(seqs)
+                keep = [i for i in range(n) if not seqs[i].is_finished]
+                out.append(
+                    (
+                        state,
+                        [seqs[i] for i in keep],
+                        [tokens[offset + i] for i in keep],
+                        [logprobs[offset + i] for i in keep],
+                    )
+                )
+                offset += n
+        return out
+
+    def _sample_chunk(
+        self, padded: torch.Tensor, chunk: list[tuple[Any, ...]]
+    ) -> tuple[list[int], list[float]]:
+        rows = [r for _state, _seqs, sampler_rows, _lr in chunk for r in sampler_rows]
+        index = [i for *_rest, logit_rows in chunk for i in logit_rows]
+        picked = padded.index_select(0, torch.tensor(index, device=padded.device))
+        result = self.sampler.sample(picked, rows)
+        return result.token_ids, result.logprobs
 
     def _advance(
-        self, item: ScheduledSeq, token: int, logprob: float, outputs: dict[str, RequestOutput]
+        self,
+        state: _RequestState,
+        seq: Sequence,
+        token: int,
+        logprob: float,
+        outputs: dict[str, RequestOutput],
     ) -> None:
-        state = self._states[item.request_id]
         request = state.request
-        seq = self._find_seq(request, item.seq_id)
-        seq.token_ids.append(token)
         if state.first_token_time is None:
             state.first_token_time = time.monotonic()
+        seq.token_ids.append(token)
         reason = state.stop.check(seq.token_ids)
         detok: IncrementalDetokenizer = seq.data["detok"]
         text_filter: StopStringTextFilter = seq.data["filter"]
@@ -197,24 +275,79 @@ class LLMEngine:
         else:
             text = text_filter.finish(delta + detok.flush(), reason)
             self.scheduler.finish_sequence(seq, reason)
-        out = outputs.get(request.request_id)
-        if out is None:
-            out = RequestOutput(
-                request.request_id,
-                request.seqs[0].token_ids[: request.seqs[0].prompt_len],
-                [],
-                finished=False,
-                num_preemptions=request.num_preemptions,
-            )
-            outputs[request.request_id] = out
+        out = self._output_for(request, outputs)
         index = request.seqs.index(seq)
         out.outputs.append(
             SequenceOutput(index, text, [token], [logprob], seq.num_output_tokens, reason)
         )
         if not request.live_seqs:
-            out.finished = True
-            self.scheduler.finish_request(request.request_id, reason or FinishReason.LENGTH)
-            self._states.pop(request.request_id, None)
+            self._finish(state, out, reason or FinishReason.LENGTH)
+
+    def _fork_siblings(self, state: _RequestState) -> None:
+        """num_return_sequences > 1: after the prompt, fork the siblings (shared blocks)."""
+        request = state.request
+        parent = request.seqs[0]
+        for _ in range(request.max_num_seqs - 1):
+            child = parent.fork()
+            self._init_sequence(child, state.params)
+            self.scheduler.fork_sequence(parent, child)
+            request.seqs.append(child)
+
+    def _beam_step(
+        self, state: _RequestState, logits: torch.Tensor, outputs: dict[str, RequestOutput]
+    ) -> None:
+        request, beam = state.request, state.beam
+        assert beam is not None
+        step = beam.step(logits)
+        old = request.seqs
+        new: list[Sequence] = []
+        used: set[int] = set()
+        for parent_index in step.parents:  # forks first: they copy the parent's tokens
+            parent = old[parent_index if len(old) > 1 else 0]
+            if parent.seq_id in used:
+                child = parent.fork()
+                self.scheduler.fork_sequence(parent, child)
+            else:
+                child = parent
+                used.add(parent.seq_id)
+            new.append(child)
+        for seq, token in zip(new, step.tokens, strict=True):
+            seq.token_ids.append(token)
+        self.scheduler.replace_sequences(request, new)
+        if state.first_token_time is None:
+            state.first_token_time = time.monotonic()
+        if not step.done:
+            return
+        out = self._output_for(request, outputs)
+        prompt = request.seqs[0].token_ids[: request.seqs[0].prompt_len]
+        for index, (tokens, score) in enumerate(beam.results()):
+            reason = state.stop.check(prompt + tokens) or FinishReason.LENGTH
+            text = StopStringTextFilter(state.params.stop_strings).finish(
+                self.tokenizer.decode(tokens, skip_special_tokens=True), reason
+            )
+            out.outputs.append(
+                SequenceOutput(index, text, tokens, [], len(tokens), reason, score=score)
+            )
+        self._finish(state, out, out.outputs[0].finish_reason or FinishReason.LENGTH)
+
+    def _output_for(self, request: Request, outputs: dict[str, RequestOutput]) -> RequestOutput:
+        out = outputs.get(request.request_id)
+        if out is None:
+            first = request.seqs[0]
+            out = RequestOutput(
+                request.request_id,
+                first.token_ids[: first.prompt_len],
+                [],
+                finished=False,
+                num_preemptions=request.num_preemptions,
+            )
+            outputs[request.request_id] = out
+        return out
+
+    def _finish(self, state: _RequestState, out: RequestOutput, reason: FinishReason) -> None:
+        out.finished = True
+        self.scheduler.finish_request(state.request.request_id, reason)
+        self._states.pop(state.request.request_id, None)
 
     @staticmethod
     def _find_seq(request: Request, seq_id: int) -> Sequence:
@@ -223,22 +356,16 @@ class LLMEngine:
                 return seq
         raise KeyError(f"sequence {seq_id} not in request {request.request_id}")
 
-    def _fail(
-        self, request_ids: set[str], errors: Exception | dict[str, Exception]
-    ) -> list[RequestOutput]:
+    def _fail(self, errors: dict[str, Exception]) -> list[RequestOutput]:
         outs = []
-        for request_id in request_ids:
-            err = errors if isinstance(errors, Exception) else errors[request_id]
+        for request_id, err in errors.items():
             state = self._states.pop(request_id, None)
             request = self.scheduler.finish_request(request_id, FinishReason.ERROR)
             if request is None and state is None:
                 continue
             prompt = request.seqs[0].token_ids[: request.seqs[0].prompt_len] if request else []
-            outs.append(
-                RequestOutput(
-                    request_id, prompt, [], finished=True, error=f"{type(err).__name__}: {err}"
-                )
-            )
+            message = f"{type(err).__name__}: {err}"
+            outs.append(RequestOutput(request_id, prompt, [], finished=True, error=message))
         return outs
 
     # -- introspection -------------------------------------------------------------------

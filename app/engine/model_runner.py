@@ -18,6 +18,7 @@ def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:  # t
 class ModelRunner:
     def __init__(self, hf_model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
         self.config = hf_model.config
+        self.hf_model = hf_model  # kept for transformers-side preparation (beam search)
         self.model = PagedGPT2.from_hf(hf_model)
         self.device = next(hf_model.parameters()).device
         self.dtype = self.model.dtype

@@ -19,14 +19,23 @@ Deliberate departures (documented, all stricter): a value of None in the request
 ints are accepted for float fields; out-of-range values are rejected even when the current
 mode would ignore them (HF only warns); min length > max length is rejected (HF warns and
 stops at max length); top_p=0 and non-finite numbers are rejected (HF accepts them).
+
+The logits options (repetition_penalty ... watermarking_config, and the API-only `bad_words`
+and `top_n_tokens`) are resolved and validated in logits_options.py, with its own list of
+departures; `has_logits_options` tells the sampler whether a request needs the option path.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from app.engine.logits_options import API_ONLY_INPUTS, LOGITS_DEFAULTS, resolve_logits_options
+from app.engine.validation import ParamValidationError, is_int
+from app.engine.validation import bool_ as _bool
+from app.engine.validation import finite as _finite
+from app.engine.validation import int_ as _int
 
 # transformers.GenerationConfig._get_default_generation_params(), the fields we serve.
 HF_GLOBAL_DEFAULTS: dict[str, Any] = {
@@ -37,18 +46,32 @@ HF_GLOBAL_DEFAULTS: dict[str, Any] = {
     "top_k": 50,
     "top_p": 1.0,
     "num_return_sequences": 1,
+    "num_beams": 1,
+    "length_penalty": 1.0,
+    "early_stopping": False,
 }
 
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # the range torch.Generator.manual_seed accepts
-
-
-class ParamValidationError(ValueError):
-    """A request option is out of range; `field` names it, the message says the allowed range."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
+# The HF logits fields of SamplingParams (top_n_tokens is ours, not generate's).
+_LOGITS_FIELDS = (
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "sequence_bias",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "exponential_decay_length_penalty",
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "top_h",
+    "renormalize_logits",
+    "remove_invalid_values",
+    "watermarking_config",
+)
 
 
 @dataclass
@@ -73,8 +96,32 @@ class SamplingParams:
     pad_token_id: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     num_return_sequences: int = 1
+    # Beam search (sibling sequences sharing KV blocks; see beam_search.py).
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
     # Our extension (vLLM's name): eos neither stops nor is masked (generate(eos_token_id=None)).
     ignore_eos: bool = False
+    # Logits options (HF names and semantics; None / neutral values are off).
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: list[list[int]] | None = None  # includes the request's `bad_words`, tokenized
+    sequence_bias: list[list[Any]] | None = None  # HF's list form [[token_ids, bias], ...]
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
+    exponential_decay_length_penalty: tuple[int, float] | None = None
+    min_p: float | None = None
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    top_h: float | None = None
+    renormalize_logits: bool = False
+    remove_invalid_values: bool = False
+    watermarking_config: dict[str, Any] | None = None  # transformers.WatermarkingConfig fields
+    # API-only (not an HF field): return this many top alternatives per token (0..5).
+    top_n_tokens: int = 0
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -93,6 +140,66 @@ class SamplingParams:
             return self.max_length
         return prompt_len + HF_GLOBAL_DEFAULTS["max_length"]
 
+    @property
+    def has_logits_options(self) -> bool:
+        """Whether any logits option beyond temperature / top-k / top-p / min length is active.
+
+        Rows without one stay on the sampler's fast path.
+        """
+        if (
+            self.repetition_penalty != 1.0
+            or self.no_repeat_ngram_size > 0
+            or self.bad_words_ids
+            or self.sequence_bias
+            or self.suppress_tokens
+            or self.begin_suppress_tokens
+            or self.forced_bos_token_id is not None
+            or self.forced_eos_token_id is not None
+            or self.exponential_decay_length_penalty is not None
+            or self.renormalize_logits
+            or self.remove_invalid_values
+            or self.watermarking_config is not None
+        ):
+            return True
+        # The warpers apply only when sampling (as in _get_logits_processor).
+        return self.do_sample and (
+            self.min_p is not None
+            or self.typical_p < 1.0
+            or 0.0 < self.epsilon_cutoff < 1.0
+            or 0.0 < self.eta_cutoff < 1.0
+            or self.top_h is not None
+        )
+
+    def logits_generate_kwargs(self) -> dict[str, Any]:
+        """The logits options that are on, as `model.generate` keyword arguments (HF formats)."""
+        out = {}
+        for name in _LOGITS_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value != LOGITS_DEFAULTS.get(name):  # defaults are "off"
+                out[name] = value
+        return out
+
+    @property
+    def generate_kwargs(self) -> dict[str, Any]:
+        """These resolved options as `model.generate` keyword arguments (lengths absolute)."""
+        kwargs: dict[str, Any] = {
+            "max_length": self.max_length,
+            "min_length": self.min_length,
+            "do_sample": self.do_sample,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "num_beams": self.num_beams,
+            "num_return_sequences": self.num_return_sequences,
+            "length_penalty": self.length_penalty,
+            "early_stopping": self.early_stopping,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.stop_strings:
+            kwargs["stop_strings"] = list(self.stop_strings)
+        return {**kwargs, **self.logits_generate_kwargs()}
+
     def min_total_length(self, prompt_len: int) -> int:
         """Eos is masked while the sequence (prompt + output) is shorter than this."""
         if self.min_new_tokens is not None:
@@ -101,32 +208,11 @@ class SamplingParams:
 
 
 FIELD_NAMES: frozenset[str] = frozenset(f.name for f in fields(SamplingParams))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int(name: str, value: Any, lo: int, what: str) -> int:
-    if not _is_int(value) or value < lo:
-        raise ParamValidationError(name, f"`{name}` must be an integer {what}, got {value!r}")
-    return int(value)
-
-
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ParamValidationError(name, f"`{name}` must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ParamValidationError(name, f"`{name}` must be true or false, got {value!r}")
-    return value
+ACCEPTED_OPTIONS: frozenset[str] = FIELD_NAMES | API_ONLY_INPUTS
 
 
 def _token_ids(name: str, value: Any) -> int | list[int]:
-    if _is_int(value):
+    if is_int(value):
         return _int(name, value, 0, ">= 0 (a token id)")
     if isinstance(value, (list, tuple)) and value:
         return [_int(name, v, 0, ">= 0 (a token id)") for v in value]
@@ -150,15 +236,21 @@ def resolve_sampling_params(
     model_generation_config: Mapping[str, Any],
     n_positions: int,
     prompt_len: int,
+    *,
+    encode: Callable[[str], list[int]] | None = None,
+    vocab_size: int | None = None,
 ) -> SamplingParams:
     """Fill omitted options as `model.generate` does, then validate against the model limits.
 
     `user`: the request's options (None = omitted). `model_generation_config`: the checkpoint's
     `model.generation_config.to_dict()` (None = unset; unrelated keys are ignored).
+    `encode`: text -> token ids without special tokens, for `bad_words` (HF's docs:
+    `tokenizer(words, add_special_tokens=False)`). `vocab_size`: when given, token ids in the
+    logits options are checked against it.
     Raises ParamValidationError naming the offending field.
     """
     for key in user:
-        if key not in FIELD_NAMES:
+        if key not in ACCEPTED_OPTIONS:
             raise ParamValidationError(key, f"unknown or unsupported generate option `{key}`")
     given = {k: v for k, v in user.items() if v is not None}
     model = {k: v for k, v in model_generation_config.items() if v is not None}
@@ -234,7 +326,7 @@ def resolve_sampling_params(
         raise ParamValidationError("top_p", f"`top_p` must be in (0, 1], got {top_p}")
 
     seed = given.get("seed")
-    if seed is not None and (not _is_int(seed) or not _SEED_MIN <= seed <= _SEED_MAX):
+    if seed is not None and (not is_int(seed) or not _SEED_MIN <= seed <= _SEED_MAX):
         raise ParamValidationError(
             "seed", f"`seed` must be an integer in [{_SEED_MIN}, {_SEED_MAX}], got {seed!r}"
         )
@@ -251,12 +343,38 @@ def resolve_sampling_params(
     stop_strings = [] if stop is None else _stop_strings(stop)
 
     nrs = _int("num_return_sequences", pick("num_return_sequences"), 1, ">= 1")
-    if nrs != 1:
-        reason = "greedy decoding allows only 1" if not do_sample else "only 1 is supported yet"
+    num_beams = _int("num_beams", pick("num_beams"), 1, ">= 1")
+    length_penalty = _finite("length_penalty", pick("length_penalty"))
+    early_stopping = pick("early_stopping")
+    if early_stopping not in (True, False, "never"):
         raise ParamValidationError(
-            "num_return_sequences", f"`num_return_sequences` must be 1 ({reason}), got {nrs}"
+            "early_stopping",
+            f'`early_stopping` must be true, false or "never", got {early_stopping!r}',
         )
-
+    # GenerationConfig.validate's rules for the number of returned sequences.
+    if num_beams > 1 and nrs > num_beams:
+        raise ParamValidationError(
+            "num_return_sequences",
+            f"`num_return_sequences` ({nrs}) must be <= `num_beams` ({num_beams}) in beam search",
+        )
+    if num_beams == 1 and not do_sample and nrs != 1:
+        raise ParamValidationError(
+            "num_return_sequences",
+            f"greedy decoding returns 1 sequence; `num_return_sequences` must be 1 (got {nrs}) "
+            "unless do_sample=true or num_beams > 1",
+        )
+    ignore_eos = _bool("ignore_eos", given.get("ignore_eos", False))
+    if ignore_eos and num_beams > 1:
+        raise ParamValidationError("ignore_eos", "`ignore_eos` is not supported with num_beams > 1")
+    logits = resolve_logits_options(
+        pick,
+        given,
+        eos=() if ignore_eos or eos is None else ((eos,) if isinstance(eos, int) else tuple(eos)),
+        prompt_len=prompt_len,
+        max_length=max_length,
+        encode=encode,
+        vocab_size=vocab_size,
+    )
     return SamplingParams(
         max_new_tokens=max_length - prompt_len,
         max_length=max_length,
@@ -271,5 +389,9 @@ def resolve_sampling_params(
         pad_token_id=pad,
         stop_strings=stop_strings,
         num_return_sequences=nrs,
-        ignore_eos=_bool("ignore_eos", given.get("ignore_eos", False)),
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        ignore_eos=ignore_eos,
+        **logits,
     )

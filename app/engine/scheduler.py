@@ -117,6 +117,15 @@ class Scheduler:
         """Register `child` (a fork of `parent`) as sharing the parent's blocks."""
         self.kv.fork(parent.seq_id, child.seq_id)
 
+    def replace_sequences(self, request: Request, new_seqs: list[Sequence]) -> None:
+        """Beam reshuffle: `new_seqs` (kept or forked beforehand) replace the request's
+        sequences; the blocks of sequences that are not carried on are freed."""
+        keep = {s.seq_id for s in new_seqs}
+        for seq in request.seqs:
+            if seq.seq_id not in keep:
+                self.kv.free(seq.seq_id)
+        request.seqs = new_seqs
+
     # -- the step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

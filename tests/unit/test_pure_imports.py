@@ -13,6 +13,8 @@ PURE_MODULES = [
     "app.engine.sampling_params",
     "app.engine.detokenizer",
     "app.engine.stop",
+    "app.engine.validation",
+    "app.engine.logits_options",
 ]
 
 

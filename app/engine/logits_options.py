@@ -1,0 +1,262 @@
+"""The logits generate options: resolved and validated as `model.generate` would take them.
+
+No torch import (the HTTP side validates before anything touches a tensor). The rules are the
+ones transformers 5.23 enforces in the LogitsProcessor constructors that `generate` builds
+(GenerationConfig.validate checks almost none of them), plus these documented, stricter ones:
+a range HF only ignores (typical_p > 1, epsilon_cutoff >= 1, a negative no_repeat_ngram_size)
+is rejected; ints are accepted for float fields; biases must be finite; token ids must lie in
+the vocabulary when its size is known (HF raises for most of them, silently ignores others);
+an exponential_decay_length_penalty that would overflow a float before max_length is rejected
+(HF raises OverflowError mid-generation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from app.engine.validation import ParamValidationError, bool_, finite, int_, is_int
+
+# GenerationConfig._get_default_generation_params() for these fields (None: off).
+LOGITS_DEFAULTS: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "remove_invalid_values": False,
+    "renormalize_logits": False,
+}
+# Accepted by resolve but not stored as such: `bad_words` is merged into bad_words_ids.
+API_ONLY_INPUTS: frozenset[str] = frozenset({"bad_words"})
+TOP_N_TOKENS_MAX = 5
+WATERMARK_DEFAULTS: dict[str, Any] = {  # transformers.WatermarkingConfig()
+    "greenlist_ratio": 0.25,
+    "bias": 2.0,
+    "hashing_key": 15485863,
+    "seeding_scheme": "lefthash",
+    "context_width": 1,
+}
+
+
+def _token(name: str, value: Any, vocab_size: int | None) -> int:
+    if not is_int(value) or value < 0 or (vocab_size is not None and value >= vocab_size):
+        upper = f" and < {vocab_size} (the vocabulary size)" if vocab_size is not None else ""
+        raise ParamValidationError(name, f"`{name}` token ids must be >= 0{upper}, got {value!r}")
+    return int(value)
+
+
+def _token_list(name: str, value: Any, vocab_size: int | None, allow_empty: bool) -> list[int]:
+    if not isinstance(value, (list, tuple)) or (not value and not allow_empty):
+        what = "a list" if allow_empty else "a non-empty list"
+        raise ParamValidationError(name, f"`{name}` must be {what} of token ids, got {value!r}")
+    return [_token(name, v, vocab_size) for v in value]
+
+
+def _unit(name: str, value: Any, lo_open: bool, hi_open: bool) -> float:
+    """A number in [0, 1] with the given ends open, e.g. (0, 1] for top_p-like options."""
+    x = finite(name, value)
+    lo_ok = x > 0 if lo_open else x >= 0
+    hi_ok = x < 1 if hi_open else x <= 1
+    if not (lo_ok and hi_ok):
+        span = f"{'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
+        raise ParamValidationError(name, f"`{name}` must be in {span}, got {x}")
+    return x
+
+
+def _bad_words_ids(value: Any, vocab_size: int | None) -> list[list[int]]:
+    name = "bad_words_ids"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ParamValidationError(
+            name, f"`{name}` must be a non-empty list of non-empty token id lists, got {value!r}"
+        )
+    return [_token_list(name, seq, vocab_size, allow_empty=False) for seq in value]
+
+
+def _bad_words(value: Any, encode: Callable[[str], list[int]] | None) -> list[list[int]]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ParamValidationError(
+            "bad_words", f"`bad_words` must be a string or a non-empty list of them, got {value!r}"
+        )
+    if encode is None:
+        raise ParamValidationError("bad_words", "`bad_words` needs a tokenizer; use bad_words_ids")
+    out = []
+    for word in items:
+        ids = encode(word) if isinstance(word, str) and word else []
+        if not ids:
+            raise ParamValidationError(
+                "bad_words", f"`bad_words` entries must be strings with >= 1 token, got {word!r}"
+            )
+        out.append(list(ids))
+    return out
+
+
+def _sequence_bias(value: Any, vocab_size: int | None) -> list[list[Any]]:
+    """HF's list form [[ids, bias], ...], deduplicated as HF's dict conversion does."""
+    name = "sequence_bias"
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        pairs = list(value)
+    else:
+        pairs = []
+    if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise ParamValidationError(
+            name,
+            f"`{name}` must be a non-empty list of [token_ids, bias] pairs (or a dict "
+            f"{{tuple(token_ids): bias}}), got {value!r}",
+        )
+    merged: dict[tuple[int, ...], float] = {}  # first position, last value: HF's dict(...)
+    for ids, bias in pairs:
+        seq = _token_list(name, ids, vocab_size, allow_empty=False)
+        merged[tuple(seq)] = finite(name, bias)
+    return [[list(k), v] for k, v in merged.items()]
+
+
+def _exp_decay(value: Any, eos: tuple[int, ...], new_tokens: int) -> tuple[int, float]:
+    name = "exponential_decay_length_penalty"
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ParamValidationError(
+            name, f"`{name}` must be a pair [start_index, decay_factor], got {value!r}"
+        )
+    start = int_(name, value[0], 0, ">= 0 for start_index")
+    factor = finite(name, value[1])
+    if factor <= 0:
+        raise ParamValidationError(name, f"`{name}` decay_factor must be > 0, got {factor}")
+    if not eos:
+        raise ParamValidationError(name, f"`{name}` needs an eos_token_id (it raises eos scores)")
+    steps = new_tokens - 1 - start  # largest exponent generate reaches before max_length
+    if steps > 0:
+        try:
+            big = math.isfinite(factor**steps)
+        except OverflowError:
+            big = False
+        if not big:
+            raise ParamValidationError(
+                name, f"`{name}` decay_factor {factor}**{steps} overflows; use a smaller factor"
+            )
+    return (start, factor)
+
+
+def _watermark(value: Any) -> dict[str, Any]:
+    name = "watermarking_config"
+    if hasattr(value, "to_dict"):  # a transformers WatermarkingConfig from a checkpoint
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        raise ParamValidationError(name, f"`{name}` must be an object, got {value!r}")
+    unknown = sorted(set(value) - set(WATERMARK_DEFAULTS))
+    if unknown:
+        raise ParamValidationError(
+            name, f"`{name}` has unknown keys {unknown}; allowed: {sorted(WATERMARK_DEFAULTS)}"
+        )
+    cfg = {**WATERMARK_DEFAULTS, **{k: v for k, v in value.items() if v is not None}}
+    ratio = finite(name, cfg["greenlist_ratio"])
+    if not 0.0 < ratio < 1.0:  # WatermarkLogitsProcessor's rule
+        raise ParamValidationError(name, f"`{name}.greenlist_ratio` must be in (0, 1), got {ratio}")
+    if cfg["seeding_scheme"] not in ("lefthash", "selfhash"):
+        raise ParamValidationError(
+            name,
+            f"`{name}.seeding_scheme` must be 'lefthash' or 'selfhash', got "
+            f"{cfg['seeding_scheme']!r}",
+        )
+    if not is_int(cfg["hashing_key"]):
+        raise ParamValidationError(name, f"`{name}.hashing_key` must be an integer")
+    return {
+        "greenlist_ratio": ratio,
+        "bias": finite(name, cfg["bias"]),
+        "hashing_key": int(cfg["hashing_key"]),
+        "seeding_scheme": cfg["seeding_scheme"],
+        "context_width": int_(name, cfg["context_width"], 1, ">= 1 for context_width"),
+    }
+
+
+def resolve_logits_options(
+    pick: Callable[[str], Any],
+    given: Mapping[str, Any],
+    *,
+    eos: tuple[int, ...],
+    prompt_len: int,
+    max_length: int,
+    encode: Callable[[str], list[int]] | None,
+    vocab_size: int | None,
+) -> dict[str, Any]:
+    """The SamplingParams fields for the logits options (pick: user > checkpoint > default)."""
+
+    def get(name: str) -> Any:
+        value = pick(name)
+        return LOGITS_DEFAULTS.get(name) if value is None else value
+
+    out: dict[str, Any] = {}
+    penalty = finite("repetition_penalty", get("repetition_penalty"))
+    if penalty <= 0:  # RepetitionPenaltyLogitsProcessor: "strictly positive float"
+        raise ParamValidationError(
+            "repetition_penalty", f"`repetition_penalty` must be > 0 (1.0 is off), got {penalty}"
+        )
+    out["repetition_penalty"] = penalty
+    out["no_repeat_ngram_size"] = int_(
+        "no_repeat_ngram_size", get("no_repeat_ngram_size"), 0, ">= 0 (0 is off)"
+    )
+
+    bad = get("bad_words_ids")
+    bad_ids = [] if bad is None else _bad_words_ids(bad, vocab_size)
+    if given.get("bad_words") is not None:
+        words = _bad_words(given["bad_words"], encode)
+        bad_ids += [_token_list("bad_words", w, vocab_size, allow_empty=False) for w in words]
+    out["bad_words_ids"] = bad_ids or None
+    bias = get("sequence_bias")
+    out["sequence_bias"] = None if bias is None else _sequence_bias(bias, vocab_size)
+
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        value = get(name)
+        tokens = [] if value is None else _token_list(name, value, vocab_size, allow_empty=True)
+        out[name] = tokens or None
+    bos = get("forced_bos_token_id")
+    out["forced_bos_token_id"] = (
+        None if bos is None else _token("forced_bos_token_id", bos, vocab_size)
+    )
+    forced_eos = get("forced_eos_token_id")
+    if forced_eos is not None:
+        forced_eos = (
+            _token("forced_eos_token_id", forced_eos, vocab_size)
+            if is_int(forced_eos)
+            else _token_list("forced_eos_token_id", forced_eos, vocab_size, allow_empty=False)
+        )
+    out["forced_eos_token_id"] = forced_eos
+    suppressed = set(out["suppress_tokens"] or ())
+    for name in ("forced_bos_token_id", "forced_eos_token_id"):  # GenerationConfig.validate 2.7
+        forced = out[name]
+        forced_set = {forced} if is_int(forced) else set(forced or ())
+        if forced_set and forced_set <= suppressed:
+            raise ParamValidationError(
+                name,
+                f"every token of `{name}` ({sorted(forced_set)}) is also in `suppress_tokens`"
+                "; forcing a suppressed token leaves no finite logit",
+            )
+
+    decay = get("exponential_decay_length_penalty")
+    out["exponential_decay_length_penalty"] = (
+        None if decay is None else _exp_decay(decay, eos, max_length - prompt_len)
+    )
+    min_p = get("min_p")
+    out["min_p"] = None if min_p is None else _unit("min_p", min_p, False, False)
+    out["typical_p"] = _unit("typical_p", get("typical_p"), True, False)
+    out["epsilon_cutoff"] = _unit("epsilon_cutoff", get("epsilon_cutoff"), False, True)
+    out["eta_cutoff"] = _unit("eta_cutoff", get("eta_cutoff"), False, True)
+    top_h = get("top_h")
+    out["top_h"] = None if top_h is None else _unit("top_h", top_h, True, False)
+    out["renormalize_logits"] = bool_("renormalize_logits", get("renormalize_logits"))
+    out["remove_invalid_values"] = bool_("remove_invalid_values", get("remove_invalid_values"))
+    watermark = get("watermarking_config")
+    out["watermarking_config"] = None if watermark is None else _watermark(watermark)
+    out["top_n_tokens"] = int_(
+        "top_n_tokens", given.get("top_n_tokens", 0), 0, f"in [0, {TOP_N_TOKENS_MAX}]"
+    )
+    if out["top_n_tokens"] > TOP_N_TOKENS_MAX:
+        raise ParamValidationError(
+            "top_n_tokens",
+            f"`top_n_tokens` must be an integer in [0, {TOP_N_TOKENS_MAX}], got "
+            f"{out['top_n_tokens']}",
+        )
+    return out
