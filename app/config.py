@@ -74,6 +74,23 @@ class Settings(BaseSettings):
         default="info", description="Log level."
     )
     log_prompts: bool = Field(default=False, description="Log prompt and output text.")
+    shutdown_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM: stop admitting (503), let in-flight requests finish for up "
+        "to this long, then cut the rest and exit.",
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1, description="Largest request body accepted (413 beyond)."
+    )
+    cors_allow_origins: str | None = Field(
+        default=None,
+        description="Comma-separated origins allowed by CORS ('*' for any; default: no CORS).",
+    )
+    public_health_metrics: bool = Field(
+        default=True,
+        description="With --api-key: keep /health, /ready and /metrics open without the key.",
+    )
     seed: int = Field(
         default=0, description="Seed of the engine's generator for unseeded requests."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,11 @@ class ServerState:
     max_total_tokens: int
     started_at: float = field(default_factory=time.time)
     ready: bool = False
+    metrics: Any = None  # app.metrics.ServerMetrics, created by the app's lifespan
+    inflight: int = 0  # generation requests the HTTP side is serving now
+    # Set when the shutdown grace period is over: in-flight requests are cut (503).
+    # A threading.Event: apps in other event loops may share this state.
+    cutoff: threading.Event = field(default_factory=threading.Event)
 
     @property
     def tokenizer(self) -> Any:

@@ -1,30 +1,58 @@
-"""What every completion route shares: prompt checks, option resolution, running a request."""
+"""What every completion route shares: prompts, options, admission, running and tracking a request.
+
+`stream_request` is the one way the HTTP side talks to the engine: it maps engine errors to
+APIErrors, records the request's metrics (TTFT, inter-token latency, token counts, finish
+reason) and writes one structured log line per engine request (no text unless
+--log-prompts). Closing it early (client gone, shutdown cut-off) aborts the engine request,
+which frees its KV blocks at once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.api.errors import APIError
+from app.api.errors import APIError, param_error
 from app.engine.async_engine import EngineNotRunningError, EngineQueueFullError
-from app.engine.engine import RequestOutput
+from app.engine.engine import RequestOutput, SequenceOutput
 from app.engine.request import FinishReason
-from app.engine.sampling_params import SamplingParams, resolve_sampling_params
+from app.engine.sampling_params import (
+    ParamValidationError,
+    SamplingParams,
+    resolve_sampling_params,
+)
 from app.state import ServerState
 
+logger = logging.getLogger("kogpt.request")
 
-def tokenize_prompt(state: ServerState, text: str, field_name: str = "inputs") -> list[int]:
-    ids: list[int] = state.tokenizer(text, add_special_tokens=False)["input_ids"]
+# Engine errors (delivered as text by the engine thread) that a request's input caused.
+_CLIENT_ERRORS = ("SchedulerCapacityError", "ParamValidationError", "ValueError")
+
+
+@dataclass
+class RequestContext:
+    """What a route knows about its HTTP request, for metrics and logs."""
+
+    endpoint: str
+    request_id: str
+    user: str | None = None
+    prompt_text: str | None = None  # logged only with --log-prompts
+
+
+def encode(state: ServerState, text: str) -> list[int]:
+    return list(state.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def check_prompt_ids(state: ServerState, ids: list[int], field_name: str) -> None:
     if not ids:
         raise APIError(
             422, f"`{field_name}` is empty: the prompt needs at least one token", field=field_name
         )
-    check_prompt_length(state, ids, field_name)
-    return ids
-
-
-def check_prompt_length(state: ServerState, ids: list[int], field_name: str) -> None:
     if len(ids) > state.max_input_tokens:
         raise APIError(
             422,
@@ -40,48 +68,241 @@ def check_prompt_length(state: ServerState, ids: list[int], field_name: str) -> 
         )
 
 
-def build_params(state: ServerState, options: dict[str, Any], prompt_len: int) -> SamplingParams:
-    params = resolve_sampling_params(
-        options, state.generation_defaults(), state.max_total_tokens, prompt_len
-    )
-    return params
+def decoder(state: ServerState) -> Callable[[list[int]], str]:
+    """Token ids -> text as the engine's detokenizer makes it (special tokens skipped)."""
+    tokenizer = state.tokenizer
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def tokenize_prompt(state: ServerState, text: str, field_name: str = "inputs") -> list[int]:
+    ids = encode(state, text)
+    check_prompt_ids(state, ids, field_name)
+    return ids
+
+
+def build_params(
+    state: ServerState,
+    options: dict[str, Any],
+    prompt_len: int,
+    renames: dict[str, str] | None = None,
+) -> SamplingParams:
+    """Resolve and validate the options; a bad option is a 422 named as the caller named it."""
+    try:
+        return resolve_sampling_params(
+            options,
+            state.generation_defaults(),
+            state.max_total_tokens,
+            prompt_len,
+            encode=lambda text: encode(state, text),
+            vocab_size=int(state.loaded.config.vocab_size),
+        )
+    except ParamValidationError as exc:
+        raise param_error(exc, {"inputs": "inputs", **(renames or {})}) from exc
+
+
+def admit(state: ServerState) -> None:
+    """Refuse at once when the engine cannot take the request (before any response starts)."""
+    engine = state.engine
+    if engine.draining:
+        raise APIError(
+            503,
+            "the server is shutting down and accepts no new requests",
+            "unavailable",
+            headers={"Retry-After": "5"},
+        )
+    if not engine.is_running:
+        raise APIError(503, "the engine is not running", "unavailable")
+    if engine.num_waiting >= engine.max_waiting_requests:
+        raise APIError(
+            429,
+            f"{engine.num_waiting} requests are already waiting (limit "
+            f"{engine.max_waiting_requests}); retry later",
+            "overloaded",
+            headers={"Retry-After": "1"},
+        )
+
+
+def engine_error(message: str, produced_tokens: bool) -> APIError:
+    if not produced_tokens and message.startswith(_CLIENT_ERRORS):
+        return APIError(422, message.split(": ", 1)[-1], "validation")
+    return APIError(500, f"generation failed: {message}", "generation")
+
+
+async def stream_request(
+    state: ServerState, ctx: RequestContext, prompt_ids: list[int], params: SamplingParams
+) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs for one request, with metrics and a log line."""
+    metrics = state.metrics
+    start = time.perf_counter()
+    first: float | None = None
+    last = start
+    generated = 0
+    reason = "abort"
+    admitted = True  # false only when the engine refuses it (queue full, not running)
+    preemptions = 0
+    texts: list[str] = []
+    state.inflight += 1
+    try:
+        async with aclosing(state.engine.generate(prompt_ids, params)) as outputs:
+            async for out in outputs:
+                if out.error is not None:
+                    reason = "error"
+                    raise engine_error(out.error, generated > 0)
+                per_seq = max((len(s.token_ids) for s in out.outputs), default=0)
+                if per_seq:
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                        metrics.observe_first_token(ctx.endpoint, now - start)
+                    else:
+                        metrics.observe_inter_token(ctx.endpoint, now - last, per_seq)
+                    last = now
+                    generated += sum(len(s.token_ids) for s in out.outputs)
+                if state.settings.log_prompts:
+                    texts += [s.text for s in out.outputs if s.index == 0]
+                preemptions = out.num_preemptions
+                if out.finished:
+                    reasons = [s.finish_reason for s in out.outputs if s.finish_reason]
+                    reason = (reasons[0] if reasons else FinishReason.LENGTH).value
+                yield out
+    except EngineQueueFullError as err:
+        admitted, reason = False, "rejected"
+        raise APIError(429, str(err), "overloaded", headers={"Retry-After": "1"}) from err
+    except EngineNotRunningError as err:
+        admitted, reason = False, "rejected"
+        raise APIError(503, str(err), "unavailable") from err
+    finally:
+        state.inflight -= 1
+        if admitted:
+            metrics.observe_finished(ctx.endpoint, reason, len(prompt_ids), generated)
+        record: dict[str, Any] = {
+            "event": "generation",
+            "request_id": ctx.request_id,
+            "endpoint": ctx.endpoint,
+            "prompt_tokens": len(prompt_ids),
+            "generated_tokens": generated,
+            "finish_reason": reason,
+            "ttft_s": None if first is None else round(first - start, 4),
+            "latency_s": round(time.perf_counter() - start, 4),
+            "preemptions": preemptions,
+            "user": ctx.user,
+        }
+        if state.settings.log_prompts:
+            record["prompt"] = ctx.prompt_text
+            record["output"] = "".join(texts)
+        logger.info(json.dumps(record, ensure_ascii=False))
+
+
+@dataclass
+class TokenStep:
+    """One generated token with the text it completes (UTF-8 safe) and its alternatives."""
+
+    id: int
+    text: str
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+def _top_alternatives(seq: SequenceOutput, k: int) -> list[tuple[int, float]]:
+    """Token k's top alternatives, best first, when the engine reports them: per token either
+    `top_token_ids[k]` + `top_logprobs[k]` (parallel lists), or `top_logprobs[k]` as a
+    {token_id: logprob} dict or a list of (token_id, logprob) pairs."""
+    top = getattr(seq, "top_logprobs", None)
+    if not top or k >= len(top) or not top[k]:
+        return []
+    ids = getattr(seq, "top_token_ids", None)
+    if ids is not None and k < len(ids):
+        return [(int(t), float(lp)) for t, lp in zip(ids[k], top[k], strict=False)]
+    item = top[k]
+    pairs = item.items() if isinstance(item, dict) else item
+    return [(int(t), float(lp)) for t, lp in pairs]
+
+
+def split_text(text: str, token_ids: list[int], decode: Callable[[list[int]], str]) -> list[str]:
+    """Share a multi-token delta's text among its tokens (beam search delivers a whole
+    sequence at once): each token gets what it completes, never a broken character; the
+    pieces always concatenate to `text` (the rest goes to the last token)."""
+    pieces: list[str] = []
+    emitted = ""
+    for k in range(len(token_ids) - 1):
+        prefix = decode(token_ids[: k + 1])
+        piece = ""
+        if not prefix.endswith("\ufffd") and prefix.startswith(emitted):
+            candidate = prefix[len(emitted) :]
+            if text.startswith(emitted + candidate):
+                piece = candidate
+        pieces.append(piece)
+        emitted += piece
+    pieces.append(text[len(emitted) :])
+    return pieces
+
+
+def token_steps(
+    seq: SequenceOutput, decode: Callable[[list[int]], str] | None = None
+) -> list[TokenStep]:
+    """A sequence's delta as per-token steps. One token: it gets the delta's text. Several
+    (beam results): the text is split with `decode`, or all goes with the last token."""
+    n = len(seq.token_ids)
+    if n > 1 and decode is not None:
+        texts = split_text(seq.text, list(seq.token_ids), decode)
+    else:
+        texts = ["" for _ in range(n - 1)] + [seq.text] if n else []
+    steps = []
+    for k, token in enumerate(seq.token_ids):
+        logprob = seq.logprobs[k] if k < len(seq.logprobs) else None
+        steps.append(TokenStep(token, texts[k], logprob, _top_alternatives(seq, k)))
+    return steps
 
 
 @dataclass
 class Completion:
     """A finished sequence, accumulated from the engine's stream."""
 
+    index: int = 0
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    steps: list[TokenStep] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    score: float | None = None
 
+    @property
+    def token_ids(self) -> list[int]:
+        return [s.id for s in self.steps]
 
-async def stream_request(
-    state: ServerState, prompt_ids: list[int], params: SamplingParams
-) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one request; engine errors become APIErrors."""
-    try:
-        async for out in state.engine.generate(prompt_ids, params):
-            if out.error is not None:
-                raise APIError(500, f"generation failed: {out.error}", error_type="generation")
-            yield out
-    except EngineQueueFullError as err:
-        raise APIError(429, str(err), "overloaded", headers={"Retry-After": "1"}) from err
-    except EngineNotRunningError as err:
-        raise APIError(503, str(err), "unavailable") from err
+    @property
+    def cumulative_logprob(self) -> float:
+        if self.score is not None:
+            return self.score
+        return sum(s.logprob for s in self.steps if s.logprob is not None)
+
+    def add(
+        self, seq: SequenceOutput, decode: Callable[[list[int]], str] | None = None
+    ) -> list[TokenStep]:
+        steps = token_steps(seq, decode)
+        self.text += seq.text
+        self.steps += steps
+        if seq.finish_reason is not None:
+            self.finish_reason = seq.finish_reason
+        score = getattr(seq, "score", None)
+        if score is not None:
+            self.score = score
+        return steps
 
 
 async def run_to_completion(
-    state: ServerState, prompt_ids: list[int], params: SamplingParams
+    state: ServerState, ctx: RequestContext, prompt_ids: list[int], params: SamplingParams
 ) -> list[Completion]:
-    completions = [Completion() for _ in range(params.num_return_sequences)]
-    async for out in stream_request(state, prompt_ids, params):
-        for seq in out.outputs:
-            c = completions[seq.index]
-            c.text += seq.text
-            c.token_ids += seq.token_ids
-            c.logprobs += seq.logprobs
-            if seq.finish_reason is not None:
-                c.finish_reason = seq.finish_reason
+    completions = [Completion(i) for i in range(params.num_return_sequences)]
+    async with aclosing(stream_request(state, ctx, prompt_ids, params)) as outputs:
+        async for out in outputs:
+            for seq in out.outputs:
+                while seq.index >= len(completions):
+                    completions.append(Completion(len(completions)))
+                completions[seq.index].add(seq, decoder(state))
     return completions
+
+
+def finish_name(reason: FinishReason | None) -> str:
+    """TGI's finish reason names (an unfinished sequence reports length)."""
+    if reason in (FinishReason.EOS, FinishReason.STOP):
+        return reason.value
+    return FinishReason.LENGTH.value

@@ -1,87 +1,219 @@
-"""Request and response models (TGI wire format for now; more APIs join here)."""
+"""TGI wire format (/generate, /generate_stream, POST /) and the operational models.
+
+The OpenAI models live in schemas_openai.py, the few-shot ones in schemas_fewshot.py.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.api.errors import APIError
+from app.api.options import GenerateOptions
 
 
-class GenerateParameters(BaseModel):
-    """Generate options (the core set; names as in transformers' GenerationConfig / TGI).
+class Grammar(BaseModel):
+    type: Literal["json", "regex"]
+    value: str | dict[str, Any]
 
-    Omitted options take the checkpoint's generation_config defaults exactly as
+
+class GenerateParameters(GenerateOptions):
+    """Generate options: every `model.generate` option plus TGI's own parameters.
+
+    Omitted (or null) options take the checkpoint's generation_config defaults exactly as
     `model.generate` does (greedy, 20 new tokens, top_k 50 when sampling, ...).
     Unknown fields are rejected with 422 so a typo is never silently ignored.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    max_new_tokens: int | None = Field(default=None, ge=1, description="New tokens to generate.")
-    max_length: int | None = Field(default=None, ge=1, description="Prompt + new tokens.")
-    min_new_tokens: int | None = Field(default=None, ge=0)
-    min_length: int | None = Field(default=None, ge=0)
-    do_sample: bool | None = Field(default=None, description="Sample instead of greedy/beam.")
-    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    top_k: int | None = Field(default=None, ge=0, description="0 disables top-k.")
-    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    seed: int | None = Field(default=None, description="Per-request seed (reproducible).")
-    stop: list[str] | None = Field(default=None, description="Stop strings (TGI name).")
-    stop_strings: list[str] | str | None = Field(
-        default=None, description="Stop strings (HF name)."
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"max_new_tokens": 32, "do_sample": True, "top_p": 0.92, "seed": 42},
+                {"max_new_tokens": 16, "details": True},
+            ]
+        },
     )
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    ignore_eos: bool | None = Field(default=None, description="Do not stop at eos.")
-    details: bool = Field(default=False, description="Return per-token details.")
-    return_full_text: bool = Field(default=False, description="Prepend the prompt to the text.")
 
-    def generate_options(self) -> dict[str, Any]:
-        """The options for resolve_sampling_params (API-only fields removed, aliases merged)."""
-        data = self.model_dump(exclude={"details", "return_full_text", "stop"}, exclude_none=True)
+    stop: list[str] | None = Field(default=None, description="Stop strings (TGI name).")
+    details: bool = Field(default=False, description="Return per-token details.")
+    decoder_input_details: bool = Field(
+        default=False, description="Also return the prompt tokens (logprob null) in details."
+    )
+    return_full_text: bool | None = Field(
+        default=False, description="Prepend the prompt to generated_text."
+    )
+    best_of: int | None = Field(
+        default=None, ge=1, description="Sample this many sequences, return the most likely."
+    )
+    truncate: int | None = Field(
+        default=None, ge=1, description="Keep only the last `truncate` prompt tokens."
+    )
+    watermark: bool = Field(default=False, description="Watermark (default WatermarkingConfig).")
+    frequency_penalty: float | None = Field(
+        default=None, description="OpenAI-style frequency penalty (422 unless served)."
+    )
+    grammar: Grammar | None = Field(
+        default=None, description="Constrained output (422 unless served)."
+    )
+    adapter_id: str | None = Field(default=None, description="LoRA adapter: not served (422).")
+
+    def generate_options(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """(engine options, renames): options for resolve_sampling_params, and how to name
+        an engine field in an error (e.g. num_return_sequences set by best_of -> best_of)."""
+        api_only = {
+            "stop",
+            "details",
+            "decoder_input_details",
+            "return_full_text",
+            "best_of",
+            "truncate",
+            "watermark",
+            "frequency_penalty",
+            "grammar",
+            "adapter_id",
+        }
+        data = self.engine_options(exclude=api_only)
+        renames: dict[str, str] = {}
         if self.stop:
             stops = data.get("stop_strings") or []
             data["stop_strings"] = [*([stops] if isinstance(stops, str) else stops), *self.stop]
-        return data
+        if self.best_of is not None and self.best_of > 1:
+            data.setdefault("num_return_sequences", self.best_of)
+            renames["num_return_sequences"] = "best_of"
+        if self.watermark and "watermarking_config" not in data:
+            data["watermarking_config"] = {}
+            renames["watermarking_config"] = "watermark"
+        if self.adapter_id is not None:
+            raise APIError(422, "`adapter_id`: LoRA adapters are not served", field="adapter_id")
+        if self.frequency_penalty is not None and self.frequency_penalty != 0:
+            data["frequency_penalty"] = self.frequency_penalty
+        if self.grammar is not None:
+            data["grammar"] = self.grammar.model_dump()
+        return data, renames
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"inputs": "대한민국은", "parameters": {"max_new_tokens": 20}}]
+            "examples": [
+                {"inputs": "대한민국은", "parameters": {"max_new_tokens": 20}},
+                {
+                    "inputs": "모든 국민은",
+                    "parameters": {"max_new_tokens": 30, "do_sample": True, "seed": 7},
+                },
+            ]
         },
     )
 
-    inputs: str = Field(description="The prompt text.")
+    inputs: str = Field(default="", description="The prompt text.")
+    input_ids: list[int] | None = Field(
+        default=None, description="The prompt as token ids (instead of `inputs`)."
+    )
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    stream: bool = False
+    stream: bool = Field(default=False, description="POST /: stream (SSE) instead of JSON.")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerateRequest:
+        if self.input_ids is not None and self.inputs:
+            raise ValueError("give either `inputs` (text) or `input_ids`, not both")
+        return self
 
 
 class Token(BaseModel):
     id: int
-    text: str
-    logprob: float | None
+    text: str = Field(description="Text this token completes (UTF-8 safe; may be empty).")
+    logprob: float | None = None
     special: bool
+
+
+class InputToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
 
 
 FinishReasonName = Literal["length", "eos_token", "stop_sequence"]
 
 
-class Details(BaseModel):
+class BestOfSequence(BaseModel):
+    generated_text: str
     finish_reason: FinishReasonName
     generated_tokens: int
     seed: int | None = None
-    prefill: list[Token] = Field(default_factory=list)
+    prefill: list[InputToken] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[list[Token]] | None = None
+
+
+class Details(BaseModel):
+    finish_reason: FinishReasonName
+    generated_tokens: int
+    input_length: int | None = Field(default=None, description="Prompt tokens.")
+    seed: int | None = None
+    prefill: list[InputToken] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[list[Token]] | None = None
+    best_of_sequences: list[BestOfSequence] | None = None
 
 
 class GenerateResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"generated_text": " 민주공화국이다.", "details": None}]}
+    )
+
     generated_text: str
     details: Details | None = None
 
 
+class StreamDetails(BaseModel):
+    finish_reason: FinishReasonName
+    generated_tokens: int
+    input_length: int
+    seed: int | None = None
+
+
+class StreamResponse(BaseModel):
+    """One SSE `data:` event; the last one carries generated_text and details (usage)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "index": 1,
+                    "token": {"id": 9349, "text": " 민주", "logprob": -0.8, "special": False},
+                    "generated_text": None,
+                    "details": None,
+                    "top_tokens": None,
+                }
+            ]
+        }
+    )
+
+    index: int
+    token: Token
+    top_tokens: list[Token] | None = None
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
 class ErrorResponse(BaseModel):
+    """Error body of every route except /v1/*."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "`top_p` must be in (0, 1], got 1.5",
+                    "error_type": "validation",
+                    "field": "top_p",
+                }
+            ]
+        }
+    )
+
     error: str
     error_type: str
     field: str | None = None
@@ -93,3 +225,78 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: Literal["ready", "starting", "draining", "unhealthy"]
+
+
+class KVCacheInfo(BaseModel):
+    num_blocks: int
+    block_size: int
+    prefix_caching: bool
+
+
+class InfoResponse(BaseModel):
+    """Model, limits and server facts (TGI's /info names included)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_id: str
+    model_path: str
+    model_type: str
+    model_dtype: str
+    model_device_type: str
+    model_pipeline_tag: str = "text-generation"
+    version: str
+    router: str = "kogpt-serve"
+    device: str
+    dtype: str
+    config: dict[str, Any]
+    max_input_tokens: int
+    max_input_length: int = Field(description="TGI's name for max_input_tokens.")
+    max_total_tokens: int
+    max_best_of: int
+    max_stop_sequences: int | None = None
+    max_concurrent_requests: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_waiting_requests: int
+    kv_cache: KVCacheInfo
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"inputs": "대한민국은 민주공화국이다."}]},
+    )
+
+    inputs: str = Field(description="Text to tokenize.")
+    add_special_tokens: bool = Field(
+        default=False, description="Add the tokenizer's special tokens (the server never does)."
+    )
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="Ignored (TGI clients send it)."
+    )
+
+
+class TokenInfo(BaseModel):
+    id: int
+    text: str = Field(description="The token's text (may be a partial character).")
+    start: int = Field(description="Character offset of the token's text in `inputs`.")
+    stop: int
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[TokenInfo]
+    count: int
+    max_input_tokens: int
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"ids": [9349, 10034, 7235]}]}
+    )
+
+    ids: list[int] = Field(description="Token ids.")
+    skip_special_tokens: bool = True
+
+
+class DetokenizeResponse(BaseModel):
+    text: str

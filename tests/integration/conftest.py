@@ -1,18 +1,29 @@
-"""A real uvicorn server on 127.0.0.1 serving the embedded model, shared by the tests."""
+"""A real uvicorn server on 127.0.0.1 serving the embedded model, shared by the tests.
+
+Besides the session-wide `live_server`, `keyed_server` shares its loaded model behind an API
+key, and `side_server` runs a second engine over the same weights (own KV cache and tiny
+limits: 1 running sequence, 1 waiting request) for the 429 / 503 tests.
+"""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from app.config import Settings
+from app.engine.async_engine import AsyncEngine
+from app.engine.engine import EngineConfig, LLMEngine
 from app.main import create_app
 from app.state import ServerState
 
@@ -43,10 +54,11 @@ class LiveServer:
             time.sleep(0.02)
 
 
-def start_server(settings: Settings) -> LiveServer:
+def start_server(settings: Settings, state: ServerState | None = None) -> LiveServer:
     port = free_port()
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(settings, state)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -83,3 +95,62 @@ def live_server() -> Iterator[LiveServer]:
 def client(live_server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=live_server.base_url, timeout=60) as c:
         yield c
+
+
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="session")
+def keyed_server(live_server: LiveServer) -> Iterator[LiveServer]:
+    """The live server's model and engine, served by a second app that needs an API key."""
+    settings = live_server.state.settings.model_copy(update={"api_key": SecretStr(API_KEY)})
+    live = start_server(settings, live_server.state)
+    try:
+        yield live
+    finally:
+        stop_server(live)
+
+
+def side_state(base: ServerState, max_num_seqs: int, max_waiting: int) -> ServerState:
+    """A second engine over the same weights: its own KV cache, batch and queue limits."""
+    config = EngineConfig(
+        num_blocks=2 * -(-base.n_positions // 16), block_size=16, max_num_seqs=max_num_seqs
+    )
+    engine = LLMEngine(base.loaded.model, base.tokenizer, config)
+    return ServerState(
+        base.settings,
+        base.loaded,
+        AsyncEngine(engine, max_waiting),
+        base.model_name,
+        base.max_input_tokens,
+        base.max_total_tokens,
+    )
+
+
+@pytest.fixture(scope="session")
+def side_server(live_server: LiveServer) -> Iterator[LiveServer]:
+    state = side_state(live_server.state, max_num_seqs=1, max_waiting=1)
+    live = start_server(live_server.state.settings, state)
+    try:
+        yield live
+    finally:
+        stop_server(live)
+        state.engine.stop()
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[Any]:
+    """The JSON payloads of an SSE stream's `data:` lines (`[DONE]` as the string)."""
+    for line in lines:
+        if line.startswith("data:"):
+            data = line[len("data:") :].strip()
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples `name` whose labels include `labels` (0 when absent)."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

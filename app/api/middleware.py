@@ -1,0 +1,166 @@
+"""One pure-ASGI middleware in front of every route (no BaseHTTPMiddleware: streams and
+disconnects pass through untouched).
+
+In order: request id (X-Request-ID, taken from the client or made up), API key check
+(401, constant-time compare), body size limit (413, before the app reads anything), then the
+app; afterwards the HTTP metrics (count by endpoint and status, latency) and one structured
+access-log line. Errors are rendered in the route's error shape (errors.py).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.errors import APIError, error_bytes
+
+logger = logging.getLogger("kogpt.access")
+
+PUBLIC_ALWAYS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PROBES = frozenset({"/health", "/ready", "/metrics"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ApiMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        public_probes: bool,
+        metrics: Any = None,
+    ) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.public = PUBLIC_ALWAYS | (PUBLIC_PROBES if public_probes else frozenset())
+        self.metrics = metrics  # set later when the metrics object is created in the lifespan
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        incoming = headers.get("x-request-id", "")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        path: str = scope["path"]
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            rejection = self._check_auth(path, headers)
+            if rejection is None:
+                rejection, receive = await self._limit_body(headers, receive)
+            if rejection is not None:
+                await self._reject(rejection, path, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        finally:
+            self._record(scope, request_id, status["code"], time.perf_counter() - start)
+
+    # -- checks -----------------------------------------------------------------------------
+    def _check_auth(self, path: str, headers: dict[str, str]) -> APIError | None:
+        if self.api_key is None or path in self.public:
+            return None
+        auth = headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        if given and hmac.compare_digest(given, self.api_key):
+            return None
+        message = "missing API key" if not given else "invalid API key"
+        return APIError(
+            401,
+            f"{message}: send `Authorization: Bearer <key>`",
+            "authentication",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    async def _limit_body(
+        self, headers: dict[str, str], receive: Receive
+    ) -> tuple[APIError | None, Receive]:
+        """Read the whole body (up to the limit) before the app runs, then replay it."""
+        limit = self.max_body_bytes
+        too_large = APIError(
+            413,
+            f"the request body exceeds {limit} bytes (--max-body-bytes)",
+            "payload_too_large",
+        )
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return too_large, receive
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected while sending the body
+                return None, _replay([message], receive)
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                return too_large, receive
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replay = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        return None, _replay([replay], receive)
+
+    @staticmethod
+    async def _reject(err: APIError, path: str, send: Send) -> None:
+        body = error_bytes(err, path)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        headers += [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
+        if err.status_code == 413:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": err.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    # -- after ------------------------------------------------------------------------------
+    def _record(self, scope: Scope, request_id: str, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        if self.metrics is not None:
+            self.metrics.observe_http(endpoint, status, seconds)
+        client = scope.get("client")
+        record = {
+            "event": "http_request",
+            "request_id": request_id,
+            "method": scope.get("method"),
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round(seconds * 1000, 2),
+            "client": f"{client[0]}:{client[1]}" if client else None,
+        }
+        logger.info(json.dumps(record))
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay

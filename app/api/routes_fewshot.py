@@ -1,0 +1,139 @@
+"""Few-shot prompting: POST /few-shot renders task + examples + query and generates the answer.
+
+Every call with the same task and examples renders the same prompt prefix, so its full KV
+blocks come from the prefix cache after the first call (kogpt_prefix_cache_hits_total).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
+
+from app.api.generation import (
+    admit,
+    build_params,
+    check_prompt_ids,
+    encode,
+    finish_name,
+    run_to_completion,
+)
+from app.api.routes_generate import ERRORS, Prepared, build_response, context, tgi_events
+from app.api.schemas_fewshot import (
+    FEW_SHOT_EXAMPLE,
+    FewShotRequest,
+    FewShotResponse,
+    FewShotStreamEvent,
+    FewShotTemplate,
+)
+from app.api.streaming import SSEResponse, guarded
+from app.state import ServerState, get_state
+
+router = APIRouter(tags=["few-shot"])
+
+DEFAULT_MAX_NEW_TOKENS = 64
+EXAMPLES = {
+    "few-shot": {"summary": "Sentiment, two examples", "value": FEW_SHOT_EXAMPLE},
+    "zero-shot": {
+        "summary": "Zero-shot (no examples)",
+        "value": {
+            "task": "다음 질문에 한 단어로 답하세요.",
+            "query": "대한민국의 수도는?",
+            "parameters": {"max_new_tokens": 8},
+        },
+    },
+    "custom-template": {
+        "summary": "Own template, streamed",
+        "value": {
+            "task": "한국어 문장을 존댓말로 바꾸세요.",
+            "examples": [{"input": "밥 먹었어?", "output": "식사하셨어요?"}],
+            "query": "어디 가?",
+            "template": {"input_prefix": "반말: ", "output_prefix": "존댓말: "},
+            "stream": True,
+        },
+    },
+}
+
+
+def render_prompt(task: str, examples: list[Any], query: str, t: FewShotTemplate) -> str:
+    blocks = [task.strip()] if task.strip() else []
+    for ex in examples:
+        blocks.append(
+            f"{t.input_prefix}{ex.input}{t.input_output_separator}{t.output_prefix}{ex.output}"
+        )
+    blocks.append(f"{t.input_prefix}{query}{t.input_output_separator}{t.output_prefix}")
+    return t.example_separator.join(blocks).rstrip()
+
+
+def default_stops(t: FewShotTemplate) -> list[str]:
+    if not t.stop_at_separator:
+        return []
+    stops = [t.example_separator] if t.example_separator else []
+    if t.input_prefix.strip():
+        stops.append(t.input_prefix.strip())
+    return stops
+
+
+def prepare(state: ServerState, body: FewShotRequest) -> Prepared:
+    prompt = render_prompt(body.task, body.examples, body.query, body.template)
+    ids = encode(state, prompt)
+    check_prompt_ids(state, ids, "prompt")
+    options, renames = body.parameters.generate_options()
+    if "max_new_tokens" not in options and "max_length" not in options:
+        options["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+    stops = default_stops(body.template)
+    if stops:
+        given = options.get("stop_strings") or []
+        given = [given] if isinstance(given, str) else list(given)
+        options["stop_strings"] = given + [s for s in stops if s not in given]
+    params = build_params(state, options, len(ids), {"inputs": "prompt", **renames})
+    admit(state)
+    return Prepared(ids, prompt, params, body.parameters)
+
+
+@router.post(
+    "/few-shot",
+    response_model=FewShotResponse,
+    responses={
+        200: {
+            "description": "JSON, or with `stream: true` server-sent events (TGI events; the "
+            "last carries the stripped answer as generated_text, details, prompt and "
+            "prompt_tokens).",
+            "content": {
+                "text/event-stream": {"schema": {"$ref": "#/components/schemas/FewShotStreamEvent"}}
+            },
+        },
+        **ERRORS,
+    },
+    summary="Few-shot (or zero-shot) answer",
+)
+async def few_shot(
+    request: Request,
+    body: FewShotRequest = Body(openapi_examples=EXAMPLES),
+    state: ServerState = Depends(get_state),
+) -> Any:
+    """Render `task`, `examples` and `query` with the template, generate, and stop at the
+    example separator. Returns the answer, the rendered prompt and its token count."""
+    prep = prepare(state, body)
+    ctx = context(request, request.url.path, prep.prompt_text)
+    if body.stream:
+        extra = {"prompt": prep.prompt_text, "prompt_tokens": len(prep.prompt_ids)}
+        events = tgi_events(state, ctx, prep, final_text=str.strip, final_extra=extra)
+        return SSEResponse(events, cutoff=state.cutoff)
+    completions = await guarded(
+        request, run_to_completion(state, ctx, prep.prompt_ids, prep.params), state.cutoff
+    )
+    best = build_response(state, prep, completions)
+    completion = max(completions, key=lambda c: c.cumulative_logprob)
+    return FewShotResponse(
+        answer=completion.text.strip(),
+        prompt=prep.prompt_text,
+        prompt_tokens=len(prep.prompt_ids),
+        generated_tokens=len(completion.steps),
+        finish_reason=finish_name(completion.finish_reason),
+        num_examples=len(body.examples),
+        details=best.details,
+    )
+
+
+__all__ = ["FewShotStreamEvent", "router"]

@@ -1,0 +1,212 @@
+"""Every Prometheus metric of the server, in one place (names prefixed `kogpt_`).
+
+Each app gets its own `ServerMetrics` with its own registry (several servers can live in one
+process, as in the tests); every series carries a `model` label. Request-side metrics are
+updated by the HTTP layer; engine-side ones are read from `LLMEngine.stats()` at scrape time,
+except the per-step batch size histogram, which is observed after every engine step.
+
+| metric | type | labels | meaning |
+| --- | --- | --- | --- |
+| kogpt_requests_total | counter | endpoint, status | HTTP requests by route and status code |
+| kogpt_request_finish_total | counter | endpoint, finish_reason | requests by finish reason |
+| kogpt_request_latency_seconds | histogram | endpoint | HTTP request time (to the last byte) |
+| kogpt_time_to_first_token_seconds | histogram | endpoint | admission to first token |
+| kogpt_inter_token_latency_seconds | histogram | endpoint | between consecutive tokens |
+| kogpt_request_prompt_tokens | histogram | endpoint | prompt tokens per request |
+| kogpt_request_generation_tokens | histogram | endpoint | generated tokens per request |
+| kogpt_prompt_tokens_total | counter | | prompt tokens processed |
+| kogpt_generation_tokens_total | counter | | tokens generated |
+| kogpt_requests_running | gauge | | requests in the running batch |
+| kogpt_requests_waiting | gauge | | requests waiting for admission |
+| kogpt_kv_cache_usage_ratio | gauge | | used KV blocks / all KV blocks |
+| kogpt_kv_cache_blocks / _free_blocks | gauge | | KV cache size and free blocks |
+| kogpt_prefix_cache_queries_total | counter | | full prompt blocks looked up |
+| kogpt_prefix_cache_hits_total | counter | | of which found in the prefix cache |
+| kogpt_preemptions_total | counter | | recompute preemptions |
+| kogpt_engine_steps_total | counter | | engine steps run |
+| kogpt_batch_size | histogram | | sequences per engine step |
+| kogpt_draining | gauge | | 1 while shutting down |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger("kogpt.metrics")
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# (name, type, help, key of LLMEngine.stats()) of the series read at scrape time.
+ENGINE_SERIES = (
+    ("kogpt_requests_running", "gauge", "Requests in the running batch.", "num_running"),
+    ("kogpt_requests_waiting", "gauge", "Requests waiting for admission.", "num_waiting"),
+    ("kogpt_kv_cache_usage_ratio", "gauge", "Used KV blocks / all KV blocks.", "kv_usage"),
+    ("kogpt_kv_cache_blocks", "gauge", "KV cache blocks.", "kv_total_blocks"),
+    ("kogpt_kv_cache_free_blocks", "gauge", "Free KV cache blocks.", "kv_free_blocks"),
+    ("kogpt_prefix_cache_queries", "counter", "Full prompt blocks looked up.", "prefix_queries"),
+    ("kogpt_prefix_cache_hits", "counter", "Prompt blocks found cached.", "prefix_hits"),
+    ("kogpt_preemptions", "counter", "Recompute preemptions.", "num_preemptions"),
+    ("kogpt_engine_steps", "counter", "Engine steps run.", "num_steps"),
+    ("kogpt_draining", "gauge", "1 while the server drains.", "draining"),
+)
+
+
+class EngineCollector(Collector):
+    """Engine-side gauges and counters, read from the engine at scrape time."""
+
+    def __init__(self, model: str, async_engine: Any) -> None:
+        self.model = model
+        self.async_engine = async_engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.async_engine.engine
+        try:
+            stats = engine.stats()
+            waiting = self.async_engine.num_waiting
+        except Exception:  # never fail a scrape because the engine is mid-update
+            logger.exception("reading engine stats failed")
+            return
+        values = {**stats, "num_waiting": waiting, "draining": float(self.async_engine.draining)}
+        for name, kind, doc, key in ENGINE_SERIES:
+            family_type = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            family = family_type(name, doc, labels=["model"])
+            family.add_metric([self.model], float(values[key]))
+            yield family
+
+
+class ServerMetrics:
+    def __init__(self, model: str, registry: CollectorRegistry | None = None) -> None:
+        self.model = model
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        ep = ["model", "endpoint"]
+        self.requests = Counter(
+            "kogpt_requests", "HTTP requests by endpoint and status.", [*ep, "status"], registry=reg
+        )
+        self.finished = Counter(
+            "kogpt_request_finish",
+            "Engine requests by endpoint and finish reason.",
+            [*ep, "finish_reason"],
+            registry=reg,
+        )
+        self.latency = Histogram(
+            "kogpt_request_latency_seconds",
+            "HTTP request latency (to the last byte).",
+            ep,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.ttft = Histogram(
+            "kogpt_time_to_first_token_seconds",
+            "Time from admission to the first generated token.",
+            ep,
+            buckets=TTFT_BUCKETS,
+            registry=reg,
+        )
+        self.itl = Histogram(
+            "kogpt_inter_token_latency_seconds",
+            "Time between consecutive generated tokens.",
+            ep,
+            buckets=ITL_BUCKETS,
+            registry=reg,
+        )
+        self.prompt_tokens = Histogram(
+            "kogpt_request_prompt_tokens",
+            "Prompt tokens per request.",
+            ep,
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self.generation_tokens = Histogram(
+            "kogpt_request_generation_tokens",
+            "Generated tokens per request.",
+            ep,
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self.prompt_tokens_total = Counter(
+            "kogpt_prompt_tokens", "Prompt tokens processed.", ["model"], registry=reg
+        )
+        self.generation_tokens_total = Counter(
+            "kogpt_generation_tokens", "Tokens generated.", ["model"], registry=reg
+        )
+        self.batch_size = Histogram(
+            "kogpt_batch_size",
+            "Sequences scheduled per engine step.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=reg,
+        )
+        self._engine_collector: EngineCollector | None = None
+        with contextlib.suppress(Exception):  # platforms without /proc
+            ProcessCollector(registry=reg)
+
+    # -- engine ---------------------------------------------------------------------------
+    def bind_engine(self, async_engine: Any) -> None:
+        """Export the engine's stats and observe the batch size of every step.
+
+        The batch-size hook wraps the engine instance's `step` (LLMEngine has no observer
+        hook yet); it only reads `last_batch_size` after the step returns.
+        """
+        if self._engine_collector is not None:
+            return
+        self._engine_collector = EngineCollector(self.model, async_engine)
+        self.registry.register(self._engine_collector)
+        engine = async_engine.engine
+        step = engine.step
+        observe = self.batch_size.labels(self.model).observe
+
+        def observed_step() -> Any:
+            outputs = step()
+            size = getattr(engine, "last_batch_size", 0)
+            if size:
+                observe(size)
+            return outputs
+
+        engine.step = observed_step
+
+    # -- HTTP side --------------------------------------------------------------------------
+    def observe_http(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(self.model, endpoint, str(status)).inc()
+        self.latency.labels(self.model, endpoint).observe(seconds)
+
+    def observe_first_token(self, endpoint: str, seconds: float) -> None:
+        self.ttft.labels(self.model, endpoint).observe(seconds)
+
+    def observe_inter_token(self, endpoint: str, seconds: float, tokens: int = 1) -> None:
+        child = self.itl.labels(self.model, endpoint)
+        per_token = seconds / max(tokens, 1)
+        for _ in range(max(tokens, 1)):
+            child.observe(per_token)
+
+    def observe_finished(
+        self, endpoint: str, finish_reason: str, prompt_tokens: int, generated_tokens: int
+    ) -> None:
+        self.finished.labels(self.model, endpoint, finish_reason).inc()
+        self.prompt_tokens.labels(self.model, endpoint).observe(prompt_tokens)
+        self.generation_tokens.labels(self.model, endpoint).observe(generated_tokens)
+        self.prompt_tokens_total.labels(self.model).inc(prompt_tokens)
+        self.generation_tokens_total.labels(self.model).inc(generated_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
