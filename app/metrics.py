@@ -163,27 +163,12 @@ class ServerMetrics:
 
     # -- engine ---------------------------------------------------------------------------
     def bind_engine(self, async_engine: Any) -> None:
-        """Export the engine's stats and observe the batch size of every step.
-
-        The batch-size hook wraps the engine instance's `step` (LLMEngine has no observer
-        hook yet); it only reads `last_batch_size` after the step returns.
-        """
+        """Export the engine's stats and observe the batch size of every step."""
         if self._engine_collector is not None:
             return
         self._engine_collector = EngineCollector(self.model, async_engine)
         self.registry.register(self._engine_collector)
-        engine = async_engine.engine
-        step = engine.step
-        observe = self.batch_size.labels(self.model).observe
-
-        def observed_step() -> Any:
-            outputs = step()
-            size = getattr(engine, "last_batch_size", 0)
-            if size:
-                observe(size)
-            return outputs
-
-        engine.step = observed_step
+        async_engine.engine.step_observers.append(self.batch_size.labels(self.model).observe)
 
     # -- HTTP side --------------------------------------------------------------------------
     def observe_http(self, endpoint: str, status: int, seconds: float) -> None:

@@ -30,9 +30,6 @@ from app.state import ServerState
 
 logger = logging.getLogger("kogpt.request")
 
-# Engine errors (delivered as text by the engine thread) that a request's input caused.
-_CLIENT_ERRORS = ("SchedulerCapacityError", "ParamValidationError", "ValueError")
-
 
 @dataclass
 class RequestContext:
@@ -100,30 +97,23 @@ def build_params(
         raise param_error(exc, {"inputs": "inputs", **(renames or {})}) from exc
 
 
+def admission_error(err: EngineQueueFullError | EngineNotRunningError) -> APIError:
+    if isinstance(err, EngineQueueFullError):
+        return APIError(429, str(err), "overloaded", headers={"Retry-After": "1"})
+    return APIError(503, str(err), "unavailable", headers={"Retry-After": "5"})
+
+
 def admit(state: ServerState) -> None:
     """Refuse at once when the engine cannot take the request (before any response starts)."""
-    engine = state.engine
-    if engine.draining:
-        raise APIError(
-            503,
-            "the server is shutting down and accepts no new requests",
-            "unavailable",
-            headers={"Retry-After": "5"},
-        )
-    if not engine.is_running:
-        raise APIError(503, "the engine is not running", "unavailable")
-    if engine.num_waiting >= engine.max_waiting_requests:
-        raise APIError(
-            429,
-            f"{engine.num_waiting} requests are already waiting (limit "
-            f"{engine.max_waiting_requests}); retry later",
-            "overloaded",
-            headers={"Retry-After": "1"},
-        )
+    try:
+        state.engine.check_admission()
+    except (EngineQueueFullError, EngineNotRunningError) as err:
+        raise admission_error(err) from err
 
 
-def engine_error(message: str, produced_tokens: bool) -> APIError:
-    if not produced_tokens and message.startswith(_CLIENT_ERRORS):
+def engine_error(out: RequestOutput, produced_tokens: bool) -> APIError:
+    message = out.error or "unknown error"
+    if out.error_kind == "invalid_request" and not produced_tokens:
         return APIError(422, message.split(": ", 1)[-1], "validation")
     return APIError(500, f"generation failed: {message}", "generation")
 
@@ -147,7 +137,7 @@ async def stream_request(
             async for out in outputs:
                 if out.error is not None:
                     reason = "error"
-                    raise engine_error(out.error, generated > 0)
+                    raise engine_error(out, generated > 0)
                 per_seq = max((len(s.token_ids) for s in out.outputs), default=0)
                 if per_seq:
                     now = time.perf_counter()
@@ -165,12 +155,9 @@ async def stream_request(
                     reasons = [s.finish_reason for s in out.outputs if s.finish_reason]
                     reason = (reasons[0] if reasons else FinishReason.LENGTH).value
                 yield out
-    except EngineQueueFullError as err:
+    except (EngineQueueFullError, EngineNotRunningError) as err:
         admitted, reason = False, "rejected"
-        raise APIError(429, str(err), "overloaded", headers={"Retry-After": "1"}) from err
-    except EngineNotRunningError as err:
-        admitted, reason = False, "rejected"
-        raise APIError(503, str(err), "unavailable") from err
+        raise admission_error(err) from err
     finally:
         state.inflight -= 1
         if admitted:
@@ -204,18 +191,10 @@ class TokenStep:
 
 
 def _top_alternatives(seq: SequenceOutput, k: int) -> list[tuple[int, float]]:
-    """Token k's top alternatives, best first, when the engine reports them: per token either
-    `top_token_ids[k]` + `top_logprobs[k]` (parallel lists), or `top_logprobs[k]` as a
-    {token_id: logprob} dict or a list of (token_id, logprob) pairs."""
-    top = getattr(seq, "top_logprobs", None)
-    if not top or k >= len(top) or not top[k]:
+    """Token k's top_n_tokens alternatives, best first ([] when none were asked for)."""
+    if k >= len(seq.top_token_ids):
         return []
-    ids = getattr(seq, "top_token_ids", None)
-    if ids is not None and k < len(ids):
-        return [(int(t), float(lp)) for t, lp in zip(ids[k], top[k], strict=False)]
-    item = top[k]
-    pairs = item.items() if isinstance(item, dict) else item
-    return [(int(t), float(lp)) for t, lp in pairs]
+    return list(zip(seq.top_token_ids[k], seq.top_logprobs[k], strict=True))
 
 
 def split_text(text: str, token_ids: list[int], decode: Callable[[list[int]], str]) -> list[str]:

@@ -87,10 +87,7 @@ class AsyncEngine:
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; closing the iterator early aborts the request."""
-        if not self.is_running or self.draining:
-            raise EngineNotRunningError("the engine is not accepting requests")
-        if self.num_waiting >= self.max_waiting_requests:
-            raise EngineQueueFullError(f"{self.num_waiting} requests are already waiting")
+        self.check_admission()
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
@@ -111,6 +108,18 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def check_admission(self) -> None:
+        """Raise if a new request would be refused now (callers check before streaming)."""
+        if self.draining:
+            raise EngineNotRunningError("the server is shutting down and accepts no new requests")
+        if not self.is_running:
+            raise EngineNotRunningError("the engine is not running")
+        if self.num_waiting >= self.max_waiting_requests:
+            raise EngineQueueFullError(
+                f"{self.num_waiting} requests are already waiting (limit "
+                f"{self.max_waiting_requests}); retry later"
+            )
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -157,7 +166,8 @@ class AsyncEngine:
 
     @staticmethod
     def _error_output(request_id: str, prompt: list[int], err: Exception) -> RequestOutput:
-        return RequestOutput(request_id, prompt, [], True, f"{type(err).__name__}: {err}")
+        message = f"{type(err).__name__}: {err}"
+        return RequestOutput(request_id, prompt, [], True, message, error_kind="invalid_request")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         if not outputs:

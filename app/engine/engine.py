@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +46,14 @@ class SequenceOutput:
     index: int
     text: str  # new text, UTF-8 complete, stop strings cut
     token_ids: list[int]  # new token ids
+    # log_softmax of the processed scores (what the token was drawn from; HF output_scores)
     logprobs: list[float]
     num_output_tokens: int
     finish_reason: FinishReason | None = None
     score: float | None = None  # beam search: the hypothesis' sequence score
+    # Per new token, its top_n_tokens alternatives (ids and log-probs, best first).
+    top_token_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -58,7 +63,10 @@ class RequestOutput:
     outputs: list[SequenceOutput]
     finished: bool
     error: str | None = None
+    # "invalid_request": the request could not be admitted (the caller's input); "internal".
+    error_kind: str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -70,6 +78,16 @@ class _RequestState:
     generator: torch.Generator | None
     beam: BeamSearch | None = None
     first_token_time: float | None = None
+
+
+@dataclass
+class _Pick:
+    """One sampled token with its log-prob and alternatives."""
+
+    token: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
 
 
 class LLMEngine:
@@ -86,6 +104,8 @@ class LLMEngine:
         self._states: dict[str, _RequestState] = {}
         self.num_steps = 0
         self.last_batch_size = 0
+        # Called with the number of scheduled sequences after every non-empty step (metrics).
+        self.step_observers: list[Callable[[int], None]] = []
 
     # -- requests ------------------------------------------------------------------------
     @property
@@ -139,6 +159,8 @@ class LLMEngine:
         self.last_batch_size = len(sched.seqs)
         if sched.is_empty:
             return []
+        for observe in self.step_observers:
+            observe(len(sched.seqs))
         sampling = [item for item in sched.seqs if item.sample]
         try:
             logits = self.runner.execute(sched)
@@ -163,13 +185,13 @@ class LLMEngine:
             except Exception as err:
                 logger.exception("request %s failed", request_id)
                 failed[request_id] = err
-        for state, seqs, tokens, logprobs in self._sample(logits, plain, failed):
+        for state, seqs, picks in self._sample(logits, plain, failed):
             try:
                 if len(seqs) > len(state.request.seqs):  # first token of n > 1 sequences
                     self._fork_siblings(state)
                     seqs = state.request.seqs
-                for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
-                    self._advance(state, seq, token, logprob, outputs)
+                for seq, pick in zip(seqs, picks, strict=True):
+                    self._advance(state, seq, pick, outputs)
             except Exception as err:
                 logger.exception("request %s failed", state.request.request_id)
                 failed[state.request.request_id] = err
@@ -204,7 +226,7 @@ class LLMEngine:
         logits: torch.Tensor,
         plain: list[tuple[_RequestState, dict[int, int]]],
         failed: dict[str, Exception],
-    ) -> list[tuple[_RequestState, list[Sequence], list[int], list[float]]]:
+    ) -> list[tuple[_RequestState, list[Sequence], list[_Pick]]]:
         """One batched sampler call; if it raises, requests are retried one by one so
         the failing one is isolated. Dummy rows (finished siblings) are dropped."""
         if not plain:
@@ -229,39 +251,34 @@ class LLMEngine:
                 except Exception as err:
                     failed[one[0].request.request_id] = err
         out = []
-        for chunk, (tokens, logprobs) in zip(chunks, results, strict=True):
+        for chunk, picks in zip(chunks, results, strict=True):
             offset = 0
             for state, seqs, _rows, _logit_rows in chunk:
                 n = len(seqs)
                 keep = [i for i in range(n) if not seqs[i].is_finished]
-                out.append(
-                    (
-                        state,
-                        [seqs[i] for i in keep],
-                        [tokens[offset + i] for i in keep],
-                        [logprobs[offset + i] for i in keep],
-                    )
-                )
+                out.append((state, [seqs[i] for i in keep], [picks[offset + i] for i in keep]))
                 offset += n
         return out
 
-    def _sample_chunk(
-        self, padded: torch.Tensor, chunk: list[tuple[Any, ...]]
-    ) -> tuple[list[int], list[float]]:
+    def _sample_chunk(self, padded: torch.Tensor, chunk: list[tuple[Any, ...]]) -> list[_Pick]:
         rows = [r for _state, _seqs, sampler_rows, _lr in chunk for r in sampler_rows]
         index = [i for *_rest, logit_rows in chunk for i in logit_rows]
         picked = padded.index_select(0, torch.tensor(index, device=padded.device))
-        result = self.sampler.sample(picked, rows)
-        return result.token_ids, result.logprobs
+        res = self.sampler.sample(picked, rows)
+        n = len(res.token_ids)
+        top_ids = res.top_token_ids or [[] for _ in range(n)]
+        top_lps = res.top_logprobs or [[] for _ in range(n)]
+        lps = res.processed_logprobs or res.logprobs
+        return [_Pick(res.token_ids[i], lps[i], top_ids[i], top_lps[i]) for i in range(n)]
 
     def _advance(
         self,
         state: _RequestState,
         seq: Sequence,
-        token: int,
-        logprob: float,
+        pick: _Pick,
         outputs: dict[str, RequestOutput],
     ) -> None:
+        token = pick.token
         request = state.request
         if state.first_token_time is None:
             state.first_token_time = time.monotonic()
@@ -278,7 +295,16 @@ class LLMEngine:
         out = self._output_for(request, outputs)
         index = request.seqs.index(seq)
         out.outputs.append(
-            SequenceOutput(index, text, [token], [logprob], seq.num_output_tokens, reason)
+            SequenceOutput(
+                index,
+                text,
+                [token],
+                [pick.logprob],
+                seq.num_output_tokens,
+                reason,
+                top_token_ids=[pick.top_ids],
+                top_logprobs=[pick.top_logprobs],
+            )
         )
         if not request.live_seqs:
             self._finish(state, out, reason or FinishReason.LENGTH)
@@ -340,6 +366,7 @@ class LLMEngine:
                 [],
                 finished=False,
                 num_preemptions=request.num_preemptions,
+                num_cached_tokens=request.num_cached_tokens,
             )
             outputs[request.request_id] = out
         return out
@@ -365,7 +392,11 @@ class LLMEngine:
                 continue
             prompt = request.seqs[0].token_ids[: request.seqs[0].prompt_len] if request else []
             message = f"{type(err).__name__}: {err}"
-            outs.append(RequestOutput(request_id, prompt, [], finished=True, error=message))
+            outs.append(
+                RequestOutput(
+                    request_id, prompt, [], finished=True, error=message, error_kind="internal"
+                )
+            )
         return outs
 
     # -- introspection -------------------------------------------------------------------

@@ -171,6 +171,8 @@ class Scheduler:
                     seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = max(s.num_computed_tokens for s in live)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.cow_copies.extend(copies)

@@ -36,7 +36,11 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
 
 
 def bench_engine(
-    model: GPT2LMHeadModel, tokenizer: Any, prompts: list[list[int]], new_tokens: int, options: list[dict[str, Any]] | None = None
+    model: GPT2LMHeadModel,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    new_tokens: int,
+    options: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     block_size = 16
     per_seq = -(-(max(map(len, prompts)) + new_tokens) // block_size)
@@ -52,9 +56,7 @@ def bench_engine(
     )
     for i, prompt in enumerate(prompts):
         extra = options[i] if options else {}
-        params = SamplingParams(
-            max_new_tokens=new_tokens, ignore_eos=True, **extra
-        )
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, **extra)
         engine.add_request(f"r{i}", prompt, params)
     generated = 0
     start = time.perf_counter()
@@ -77,7 +79,9 @@ def _no_eos_config(new_tokens: int) -> GenerationConfig:
 
 
 @torch.inference_mode()
-def bench_hf_sequential(model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+def bench_hf_sequential(
+    model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int
+) -> dict[str, float]:
     cfg = _no_eos_config(new_tokens)
     start = time.perf_counter()
     for prompt in prompts:
@@ -89,7 +93,9 @@ def bench_hf_sequential(model: GPT2LMHeadModel, prompts: list[list[int]], new_to
 
 
 @torch.inference_mode()
-def bench_hf_static(model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+def bench_hf_static(
+    model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int
+) -> dict[str, float]:
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), 3, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -104,7 +110,9 @@ def bench_hf_static(model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens
 
 
 @torch.inference_mode()
-def bench_hf_continuous(model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+def bench_hf_continuous(
+    model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int
+) -> dict[str, float]:
     start = time.perf_counter()
     outs = model.generate_batch(prompts, generation_config=_no_eos_config(new_tokens), warmup=False)
     elapsed = time.perf_counter() - start
@@ -113,7 +121,9 @@ def bench_hf_continuous(model: GPT2LMHeadModel, prompts: list[list[int]], new_to
 
 
 @torch.inference_mode()
-def bench_linear_bound(model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int, repeats: int = 3) -> dict[str, float]:
+def bench_linear_bound(
+    model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int, repeats: int = 3
+) -> dict[str, float]:
     """Time of the matmuls alone: every prompt token through the layers once, then
     `new_tokens` decode steps of the whole batch, LM head only where a token is sampled."""
     tr = model.transformer
@@ -134,7 +144,9 @@ def bench_linear_bound(model: GPT2LMHeadModel, prompts: list[list[int]], new_tok
         return best
 
     prompt_tokens = sum(map(len, prompts))
-    seconds = layers(prompt_tokens, len(prompts)) + (new_tokens - 1) * layers(len(prompts), len(prompts))
+    seconds = layers(prompt_tokens, len(prompts)) + (new_tokens - 1) * layers(
+        len(prompts), len(prompts)
+    )
     tokens = new_tokens * len(prompts)
     return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
 
@@ -154,7 +166,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("generated tokens / s")
-    ax.set_title(f"{results['model']} ({results['dtype']}, {results['new_tokens']} new tokens, greedy)")
+    ax.set_title(
+        f"{results['model']} ({results['dtype']}, {results['new_tokens']} new tokens, greedy)"
+    )
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -162,14 +176,23 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(ROOT / "models" / "kogpt2-base-random"))
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-min", type=int, default=8)
     parser.add_argument("--prompt-max", type=int, default=64)
-    parser.add_argument("--sequential-requests", type=int, default=4, help="HF sequential runs this many (its rate does not depend on concurrency)")
-    parser.add_argument("--skip", default="", help="comma list of: sequential,static,continuous,bound,options")
+    parser.add_argument(
+        "--sequential-requests",
+        type=int,
+        default=4,
+        help="HF sequential runs this many (its rate does not depend on concurrency)",
+    )
+    parser.add_argument(
+        "--skip", default="", help="comma list of: sequential,static,continuous,bound,options"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = parser.parse_args()
@@ -182,25 +205,40 @@ def main() -> None:
         "model": Path(args.model).name,
         "dtype": "float32",
         "new_tokens": args.new_tokens,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "runs": [],
     }
     vocab = int(model.config.vocab_size)
     seq_rate = None
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        prompts = make_prompts(concurrency, args.prompt_min, args.prompt_max, vocab, seed=concurrency)
+        prompts = make_prompts(
+            concurrency, args.prompt_min, args.prompt_max, vocab, seed=concurrency
+        )
         bench_engine(model, loaded.tokenizer, prompts[:2], 4)  # warm-up
-        systems: dict[str, dict[str, float]] = {"kogpt-serve": bench_engine(model, loaded.tokenizer, prompts, args.new_tokens)}
+        systems: dict[str, dict[str, float]] = {
+            "kogpt-serve": bench_engine(model, loaded.tokenizer, prompts, args.new_tokens)
+        }
         if "options" not in skip:
             # Half of the batch with per-request options: measures the cost of the option path.
             opts = [
-                {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": i} if i % 2 else {}
+                {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": i}
+                if i % 2
+                else {}
                 for i in range(concurrency)
             ]
-            systems["kogpt-serve (half with options)"] = bench_engine(model, loaded.tokenizer, prompts, args.new_tokens, opts)
+            systems["kogpt-serve (half with options)"] = bench_engine(
+                model, loaded.tokenizer, prompts, args.new_tokens, opts
+            )
         if "sequential" not in skip:
             if seq_rate is None:
-                seq_rate = bench_hf_sequential(model, prompts[: args.sequential_requests], args.new_tokens)
+                seq_rate = bench_hf_sequential(
+                    model, prompts[: args.sequential_requests], args.new_tokens
+                )
             systems["hf sequential generate"] = seq_rate
         if "static" not in skip:
             systems["hf static batch"] = bench_hf_static(model, prompts, args.new_tokens)
@@ -210,7 +248,9 @@ def main() -> None:
             systems["linear-layer bound"] = bench_linear_bound(model, prompts, args.new_tokens)
         ours = systems["kogpt-serve"]["tok_s"]
         ratios = {name: ours / s["tok_s"] for name, s in systems.items() if name != "kogpt-serve"}
-        results["runs"].append({"concurrency": concurrency, "systems": systems, "ratios_ours_over": ratios})
+        results["runs"].append(
+            {"concurrency": concurrency, "systems": systems, "ratios_ours_over": ratios}
+        )
         print(f"\n== concurrency {concurrency} ==")
         for name, s in systems.items():
             print(f"  {name:34s} {s['tok_s']:9.1f} tok/s  ({s['seconds']:.2f} s)")

@@ -1,0 +1,348 @@
+"""GPT-2 forward over the paged KV cache, with the weights of a transformers GPT2LMHeadModel.
+
+``PagedGPT2.from_hf(model)`` keeps references to the HF modules (no weight copy), and
+``forward(step, kv_cache)`` runs one varlen step: every sequence's new tokens in one flat
+``[T, n_embd]`` batch (prefill chunks, continued chunks and decodes mixed), K/V written to
+the cache slots, attention over each sequence's whole context, and ln_f + LM head only on
+the rows whose logits are needed. It follows HF's arithmetic op for op (Conv1D as
+``addmm(bias, x, W)``, layer norms, residual order, SDPA attention, the configured
+activation: ACT2FN's, or for gelu_new an equal but faster formula), so logits match
+``GPT2LMHeadModel`` to rounding (~1e-15 in float64, ~1e-6 in float32).
+
+Per step, ``plan()`` builds every buffer and view the layers share (tests and the
+micro-benchmark call ``plan``/``attention`` directly); per layer, ``attention()`` writes the
+new k/v into their slots, gathers the contexts block by block and runs SDPA per batch
+(see app/modeling/attention_metadata.py for how sequences are batched and why).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from app.modeling.attention_metadata import DecodeBatch, PrefillChunk, StepInput
+
+_GELU_C = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximated GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    y = x * x
+    y.mul_(0.044715 * _GELU_C).add_(_GELU_C).mul_(x)  # 2 sqrt(2/pi) (x + 0.044715 x^3)
+    return y.sigmoid_().mul_(x)
+
+
+@dataclass
+class KVCache:
+    """Per layer one key and one value tensor of shape [num_blocks * block_size, H, hd]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    block_size: int
+
+    @classmethod
+    def allocate(
+        cls,
+        config,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        n_head = config.n_head
+        head_dim = config.n_embd // n_head
+        shape = (num_blocks * block_size, n_head, head_dim)
+        # zeros, not empty: attention gathers whole blocks, so the unused tail of a sequence's
+        # last block is read (and masked, weight exactly 0); it must hold finite values,
+        # since 0 * NaN would still be NaN. Written slots only ever hold finite k/v.
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        return cls(keys, values, block_size)
+
+    @staticmethod
+    def block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes over all layers (keys + values), to size the pool."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.n_layer * block_size * config.n_embd * elem
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.keys[0].shape[0] // self.block_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks src -> dst in every layer (copy-on-write before a step)."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.keys[0].device)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.keys[0].device)
+        b = self.block_size
+        for t in (*self.keys, *self.values):
+            blocks = t.view(-1, b, *t.shape[1:])  # [num_blocks, B, H, hd] view, no copy
+            # index_select materializes the sources first, so overlapping pairs stay correct.
+            blocks.index_copy_(0, dst, blocks.index_select(0, src))
+
+
+class _Workspace:
+    """Grow-only scratch buffers reused across layers and steps.
+
+    A fresh multi-MB tensor per layer costs page faults (mmap'd allocations) that on the
+    2-core CPU are as slow as the copy itself; a reused buffer stays mapped.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        buf = self._bufs.get(name)
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            self._bufs[name] = buf
+        return buf[:numel].view(shape)
+
+
+@dataclass
+class _DecodeView:
+    batch: DecodeBatch
+    q: torch.Tensor | None  # [n, H, 1, hd] view of the qkv buffer; None: index_select rows
+    k_buf: torch.Tensor  # [n * nb, B * H * hd] gather target (whole blocks)
+    v_buf: torch.Tensor
+    k: torch.Tensor  # [n, H, nb * B, hd] view of k_buf
+    v: torch.Tensor
+    mask: torch.Tensor | None  # additive (0 / -inf) [n, 1, 1, nb * B] in the model dtype
+
+
+@dataclass
+class _PrefillView:
+    chunk: PrefillChunk
+    q: torch.Tensor  # [H, n, hd] view of the qkv buffer
+    k: torch.Tensor  # [H, ctx, hd]: fresh k (start_pos 0) or a view of k_buf
+    v: torch.Tensor
+    k_buf: torch.Tensor | None  # [nb, B * H * hd] gather target when the chunk has a past
+    v_buf: torch.Tensor | None
+    mask: torch.Tensor | None  # additive [n, ctx]; None: is_causal
+
+
+@dataclass
+class AttentionPlan:
+    """Everything every layer reuses in a step: buffers, views of them, additive masks.
+
+    c_attn writes each layer's q/k/v into ``qkv`` (addmm out=), so all the per-batch views
+    (queries, gather targets, transposed K/V) are made once per step instead of per layer.
+    """
+
+    qkv: torch.Tensor  # [T, 3 * n_embd]
+    q: torch.Tensor  # [T, H, hd] views of qkv
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor  # [T, H, hd] attention output, every row rewritten by every layer
+    decode: list[_DecodeView]
+    prefill: list[_PrefillView]
+
+
+class PagedGPT2(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        config = model.config
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            raise NotImplementedError("scale_attn_by_inverse_layer_idx=True is not supported")
+        if getattr(config, "reorder_and_upcast_attn", False):
+            raise NotImplementedError("reorder_and_upcast_attn=True is not supported")
+        if getattr(config, "add_cross_attention", False):
+            raise NotImplementedError("cross-attention GPT-2 is not supported")
+        self.config = config
+        tr = model.transformer
+        # Submodule references: the parameters are the HF model's own tensors (shared, so a
+        # .to(dtype/device) on either moves both).
+        self.wte = tr.wte
+        self.wpe = tr.wpe
+        self.h = tr.h
+        self.ln_f = tr.ln_f
+        self.lm_head = model.lm_head
+        self.n_embd = config.n_embd
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.eps = config.layer_norm_epsilon
+        # gelu_new (GPT-2's activation) as x * sigmoid(2u) == 0.5 x (1 + tanh(u)): the same
+        # function, 2x faster on CPU (tanh is the slowest op of a decode step after the
+        # matmuls); results differ from ACT2FN's by rounding only (<= 2e-15 in float64).
+        if config.activation_function == "gelu_new":
+            self.act = gelu_new
+        else:
+            self.act = ACT2FN[config.activation_function]
+        self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        self.n_positions = config.n_positions
+        self._ws = _Workspace()
+
+    @classmethod
+    def from_hf(cls, model: nn.Module) -> PagedGPT2:
+        return cls(model).eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput, kv_cache: KVCache) -> torch.Tensor:
+        """Logits [len(step.logits_indices), vocab] in the model's dtype."""
+        if kv_cache.block_size != step.block_size:
+            raise ValueError(f"cache block_size {kv_cache.block_size} != step {step.block_size}")
+        if kv_cache.dtype != self.dtype:
+            raise ValueError(f"cache dtype {kv_cache.dtype} != model dtype {self.dtype}")
+        if step.max_position >= self.n_positions:
+            raise ValueError(f"position {step.max_position} >= n_positions {self.n_positions}")
+
+        T, E = step.num_tokens, self.n_embd
+        plan = self.plan(step)
+        hidden = F.embedding(step.input_ids, self.wte.weight) + F.embedding(
+            step.positions, self.wpe.weight
+        )
+        for i, block in enumerate(self.h):
+            attn, mlp = block.attn, block.mlp
+            x = F.layer_norm(hidden, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
+            torch.addmm(attn.c_attn.bias, x, attn.c_attn.weight, out=plan.qkv)  # Conv1D: xW+b
+            self.attention(plan, kv_cache.keys[i], kv_cache.values[i], step)
+            hidden = hidden + torch.addmm(attn.c_proj.bias, plan.out.view(T, E), attn.c_proj.weight)
+            x = F.layer_norm(hidden, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
+            x = self.act(torch.addmm(mlp.c_fc.bias, x, mlp.c_fc.weight))
+            hidden = hidden + torch.addmm(mlp.c_proj.bias, x, mlp.c_proj.weight)
+
+        # ln_f and the LM head (the largest matmul) only for rows whose logits are used.
+        hidden = hidden.index_select(0, step.logits_indices)
+        hidden = F.layer_norm(hidden, (E,), self.ln_f.weight, self.ln_f.bias, self.eps)
+        return F.linear(hidden, self.lm_head.weight)
+
+    def _additive(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        # SDPA turns a bool mask into an additive one on every call; do it once per step.
+        if mask is None:
+            return None
+        zeros = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device)
+        return zeros.masked_fill_(~mask, float("-inf"))
+
+    def plan(self, step: StepInput) -> AttentionPlan:
+        """Buffers and views for ``step``, shared by all layers."""
+        T, E, H, hd, B = step.num_tokens, self.n_embd, self.n_head, self.head_dim, step.block_size
+        dt, dev = self.dtype, self.device
+        qkv = torch.empty(T, 3 * E, dtype=dt, device=dev)
+        q, k, v = (t.view(T, H, hd) for t in qkv.split(E, dim=1))
+        out = torch.empty(T, H, hd, dtype=dt, device=dev)
+        row = B * H * hd  # one whole block of one layer's keys (or values)
+
+        decode = []
+        if step.decode:
+            most = max(d.num_seqs * d.num_blocks for d in step.decode)
+            k_all = self._ws.get("k", (most, row), dt, dev)
+            v_all = self._ws.get("v", (most, row), dt, dev)
+            masks = self._additive(step.decode_mask)  # one conversion for all batches
+            for d in step.decode:
+                n, nb = d.num_seqs, d.num_blocks
+                kb, vb = k_all[: n * nb], v_all[: n * nb]
+                qd = q[d.row_slice].unsqueeze(2) if d.row_slice is not None else None
+                mask = None
+                if d.mask is not None:
+                    mask = masks[d.first : d.first + n, : nb * B][:, None, None, :]
+                decode.append(
+                    _DecodeView(
+                        d,
+                        qd,
+                        kb,
+                        vb,
+                        kb.view(n, nb * B, H, hd).transpose(1, 2),  # strided view: no copy
+                        vb.view(n, nb * B, H, hd).transpose(1, 2),
+                        mask,
+                    )
+                )
+
+        prefill = []
+        past = [p.ctx_blocks.shape[0] for p in step.prefills if p.ctx_blocks is not None]
+        if past:
+            pk_all = self._ws.get("pk", (max(past), row), dt, dev)
+            pv_all = self._ws.get("pv", (max(past), row), dt, dev)
+        for p in step.prefills:
+            qp = q[p.start : p.end].transpose(0, 1)  # [H, n, hd]
+            if p.ctx_blocks is None:  # fresh prompt chunk: its own k/v are the whole context
+                prefill.append(
+                    _PrefillView(
+                        p,
+                        qp,
+                        k[p.start : p.end].transpose(0, 1),
+                        v[p.start : p.end].transpose(0, 1),
+                        None,
+                        None,
+                        None,
+                    )
+                )
+            else:  # continued chunk / prefix hit: gathered context, causal mask offset
+                nb = p.ctx_blocks.shape[0]
+                kb, vb = pk_all[:nb], pv_all[:nb]
+                prefill.append(
+                    _PrefillView(
+                        p,
+                        qp,
+                        kb.view(nb * B, H, hd)[: p.ctx_len].transpose(0, 1),
+                        vb.view(nb * B, H, hd)[: p.ctx_len].transpose(0, 1),
+                        kb,
+                        vb,
+                        self._additive(p.mask),
+                    )
+                )
+        return AttentionPlan(qkv, q, k, v, out, decode, prefill)
+
+    def attention(
+        self, plan: AttentionPlan, k_cache: torch.Tensor, v_cache: torch.Tensor, step: StepInput
+    ) -> None:
+        """One layer's paged attention: plan.q/k/v -> plan.out (both [T, H, hd])."""
+        H, hd, B = self.n_head, self.head_dim, step.block_size
+        # Write this step's k/v first: decodes and continued chunks then read their whole
+        # context (cached + new) from the cache in one gather.
+        k_cache.index_copy_(0, step.slot_mapping, plan.k)
+        v_cache.index_copy_(0, step.slot_mapping, plan.v)
+        # Whole blocks as rows: one memcpy of B * H * hd values per block, faster than
+        # per-slot rows. A decode batch's gathered K/V (~1 MB each on CPU) are still in
+        # cache when SDPA reads them.
+        k_blocks = k_cache.view(-1, B * H * hd)
+        v_blocks = v_cache.view(-1, B * H * hd)
+        out = plan.out
+        for d in plan.decode:
+            b = d.batch
+            torch.index_select(k_blocks, 0, b.blocks, out=d.k_buf)
+            torch.index_select(v_blocks, 0, b.blocks, out=d.v_buf)
+            qd = d.q if d.q is not None else plan.q.index_select(0, b.rows).unsqueeze(2)
+            o = F.scaled_dot_product_attention(qd, d.k, d.v, attn_mask=d.mask, scale=self.scale)
+            if b.row_slice is not None:
+                out[b.row_slice] = o.view(b.num_seqs, H, hd)
+            else:
+                out.index_copy_(0, b.rows, o.view(b.num_seqs, H, hd))
+
+        for p in plan.prefill:
+            if p.k_buf is None:
+                o = F.scaled_dot_product_attention(p.q, p.k, p.v, is_causal=True, scale=self.scale)
+            else:
+                torch.index_select(k_blocks, 0, p.chunk.ctx_blocks, out=p.k_buf)
+                torch.index_select(v_blocks, 0, p.chunk.ctx_blocks, out=p.v_buf)
+                o = F.scaled_dot_product_attention(
+                    p.q, p.k, p.v, attn_mask=p.mask, scale=self.scale
+                )
+            out[p.chunk.start : p.chunk.end] = o.transpose(0, 1)
