@@ -18,10 +18,11 @@ import torch
 
 from app.engine.beam_search import BeamSearch, prepare_generation
 from app.engine.detokenizer import IncrementalDetokenizer
+from app.engine.group_sampling import Pick, sample_groups
 from app.engine.kv_cache_manager import KVCacheManager
 from app.engine.model_runner import ModelRunner
 from app.engine.request import FinishReason, Request, Sequence
-from app.engine.sampler import Sampler, SamplingRow, make_generator
+from app.engine.sampler import Sampler, make_generator
 from app.engine.sampling_params import SamplingParams
 from app.engine.scheduler import Scheduler, SchedulerConfig
 from app.engine.stop import StopChecker, StopStringTextFilter, token_bytes_table
@@ -78,16 +79,7 @@ class _RequestState:
     generator: torch.Generator | None
     beam: BeamSearch | None = None
     first_token_time: float | None = None
-
-
-@dataclass
-class _Pick:
-    """One sampled token with its log-prob and alternatives."""
-
-    token: int
-    logprob: float
-    top_ids: list[int]
-    top_logprobs: list[float]
+    deadline: float | None = None  # max_time: monotonic time after which generation stops
 
 
 class LLMEngine:
@@ -139,7 +131,10 @@ class LLMEngine:
             beam = BeamSearch(prepared, prompt_token_ids, generator)
         self.scheduler.add_request(request)  # raises SchedulerCapacityError if it can never fit
         self._init_sequence(seq, params)
-        self._states[request_id] = _RequestState(request, params, stop, generator, beam)
+        deadline = None if params.max_time is None else time.monotonic() + params.max_time
+        self._states[request_id] = _RequestState(
+            request, params, stop, generator, beam, deadline=deadline
+        )
 
     def _init_sequence(self, seq: Sequence, params: SamplingParams) -> None:
         seq.data["detok"] = IncrementalDetokenizer(self.tokenizer, seq.token_ids[: seq.prompt_len])
@@ -185,7 +180,7 @@ class LLMEngine:
             except Exception as err:
                 logger.exception("request %s failed", request_id)
                 failed[request_id] = err
-        for state, seqs, picks in self._sample(logits, plain, failed):
+        for state, seqs, picks in sample_groups(self.sampler, logits, plain, failed):
             try:
                 if len(seqs) > len(state.request.seqs):  # first token of n > 1 sequences
                     self._fork_siblings(state)
@@ -197,85 +192,11 @@ class LLMEngine:
                 failed[state.request.request_id] = err
         return list(outputs.values()) + (self._fail(failed) if failed else [])
 
-    def _sampling_rows(
-        self, state: _RequestState, rows: dict[int, int], dummy_row: int
-    ) -> tuple[list[Sequence], list[SamplingRow], list[int]]:
-        """Sampler rows of one request: one per live sequence; for num_return_sequences,
-        n copies of the prompt's row on the first token, and a dummy row for a finished
-        sibling so a seeded generator advances exactly as generate's batched draw does."""
-        request, params = state.request, state.params
-        seqs: list[Sequence] = []
-        sampler_rows: list[SamplingRow] = []
-        logit_rows: list[int] = []
-        first = request.seqs[0]
-        siblings = request.seqs
-        if len(siblings) == 1 and params.num_return_sequences > 1:
-            siblings = [first] * params.num_return_sequences
-        for seq in siblings:
-            if seq.is_finished and state.generator is None:
-                continue
-            seqs.append(seq)
-            sampler_rows.append(
-                SamplingRow.from_params(params, seq.token_ids, seq.prompt_len, state.generator)
-            )
-            logit_rows.append(dummy_row if seq.is_finished else rows[seq.seq_id])
-        return seqs, sampler_rows, logit_rows
-
-    def _sample(
-        self,
-        logits: torch.Tensor,
-        plain: list[tuple[_RequestState, dict[int, int]]],
-        failed: dict[str, Exception],
-    ) -> list[tuple[_RequestState, list[Sequence], list[_Pick]]]:
-        """One batched sampler call; if it raises, requests are retried one by one so
-        the failing one is isolated. Dummy rows (finished siblings) are dropped."""
-        if not plain:
-            return []
-        padded = torch.cat([logits, logits.new_zeros(1, logits.shape[1])])
-        dummy = logits.shape[0]
-        built = []
-        for state, rows in plain:
-            try:
-                built.append((state, *self._sampling_rows(state, rows, dummy)))
-            except Exception as err:
-                failed[state.request.request_id] = err
-        chunks: list[list[tuple[Any, ...]]] = [built]
-        try:
-            results = [self._sample_chunk(padded, built)]
-        except Exception:
-            chunks, results = [], []
-            for one in built:
-                try:
-                    results.append(self._sample_chunk(padded, [one]))
-                    chunks.append([one])
-                except Exception as err:
-                    failed[one[0].request.request_id] = err
-        out = []
-        for chunk, picks in zip(chunks, results, strict=True):
-            offset = 0
-            for state, seqs, _rows, _logit_rows in chunk:
-                n = len(seqs)
-                keep = [i for i in range(n) if not seqs[i].is_finished]
-                out.append((state, [seqs[i] for i in keep], [picks[offset + i] for i in keep]))
-                offset += n
-        return out
-
-    def _sample_chunk(self, padded: torch.Tensor, chunk: list[tuple[Any, ...]]) -> list[_Pick]:
-        rows = [r for _state, _seqs, sampler_rows, _lr in chunk for r in sampler_rows]
-        index = [i for *_rest, logit_rows in chunk for i in logit_rows]
-        picked = padded.index_select(0, torch.tensor(index, device=padded.device))
-        res = self.sampler.sample(picked, rows)
-        n = len(res.token_ids)
-        top_ids = res.top_token_ids or [[] for _ in range(n)]
-        top_lps = res.top_logprobs or [[] for _ in range(n)]
-        lps = res.processed_logprobs or res.logprobs
-        return [_Pick(res.token_ids[i], lps[i], top_ids[i], top_lps[i]) for i in range(n)]
-
     def _advance(
         self,
         state: _RequestState,
         seq: Sequence,
-        pick: _Pick,
+        pick: Pick,
         outputs: dict[str, RequestOutput],
     ) -> None:
         token = pick.token
@@ -284,6 +205,8 @@ class LLMEngine:
             state.first_token_time = time.monotonic()
         seq.token_ids.append(token)
         reason = state.stop.check(seq.token_ids)
+        if reason is None and state.deadline is not None and time.monotonic() > state.deadline:
+            reason = FinishReason.LENGTH  # MaxTimeCriteria: generate stops, no other reason
         detok: IncrementalDetokenizer = seq.data["detok"]
         text_filter: StopStringTextFilter = seq.data["filter"]
         delta = detok.add(token)

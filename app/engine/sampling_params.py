@@ -96,6 +96,7 @@ class SamplingParams:
     pad_token_id: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     num_return_sequences: int = 1
+    max_time: float | None = None  # seconds from admission (MaxTimeCriteria)
     # Beam search (sibling sequences sharing KV blocks; see beam_search.py).
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -198,6 +199,8 @@ class SamplingParams:
         }
         if self.stop_strings:
             kwargs["stop_strings"] = list(self.stop_strings)
+        if self.max_time is not None:
+            kwargs["max_time"] = self.max_time
         return {**kwargs, **self.logits_generate_kwargs()}
 
     def min_total_length(self, prompt_len: int) -> int:
@@ -363,6 +366,13 @@ def resolve_sampling_params(
             f"greedy decoding returns 1 sequence; `num_return_sequences` must be 1 (got {nrs}) "
             "unless do_sample=true or num_beams > 1",
         )
+    max_time = pick("max_time")
+    if max_time is not None:
+        max_time = _finite("max_time", max_time)
+        if max_time <= 0:
+            raise ParamValidationError(
+                "max_time", f"`max_time` must be > 0 seconds, got {max_time}"
+            )
     ignore_eos = _bool("ignore_eos", given.get("ignore_eos", False))
     if ignore_eos and num_beams > 1:
         raise ParamValidationError("ignore_eos", "`ignore_eos` is not supported with num_beams > 1")
@@ -389,6 +399,7 @@ def resolve_sampling_params(
         pad_token_id=pad,
         stop_strings=stop_strings,
         num_return_sequences=nrs,
+        max_time=max_time,
         num_beams=num_beams,
         length_penalty=length_penalty,
         early_stopping=early_stopping,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -211,3 +212,19 @@ def test_block_sizes(tiny_model, tiny_tokenizer, block_size: int) -> None:
     got = run_all(make_engine(tiny_model, tiny_tokenizer, block_size=block_size), jobs)
     for i, (prompt, options) in enumerate(jobs):
         assert got[f"r{i}"] == hf_generate(tiny_model, prompt, options)
+
+
+def test_max_time_stops_generation(tiny_model, tiny_tokenizer) -> None:
+    engine = make_engine(tiny_model, tiny_tokenizer)
+    prompt = tiny_tokenizer(PROMPTS[0])["input_ids"]
+    options = {"max_new_tokens": 100, "max_time": 0.05}
+    params = resolve_sampling_params(options, {}, 128, len(prompt))
+    engine.add_request("t", prompt, params)
+    tokens, reason = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            for seq in out.outputs:
+                tokens += seq.token_ids
+                reason = seq.finish_reason or reason
+        time.sleep(0.01)
+    assert reason is FinishReason.LENGTH and 1 <= len(tokens) < 100
