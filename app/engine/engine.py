@@ -111,12 +111,22 @@ class LLMEngine:
     ) -> None:
         prompt_len = len(prompt_token_ids)
         seq = Sequence.from_prompt(prompt_token_ids)
+        seqs = [seq]
+        max_total = params.stop_length(prompt_len)
+        if params.guidance_scale is not None:
+            # The unconditional sequence: the negative prompt (generate's default: the
+            # prompt's last token), then every generated token; its logits guide the choice.
+            negative = params.negative_prompt_ids or prompt_token_ids[-1:]
+            companion = Sequence.from_prompt(negative)
+            companion.data["companion"] = True
+            seqs.append(companion)
+            max_total = max(max_total, len(negative) + max_total - prompt_len)
         request = Request(
             request_id,
-            [seq],
-            max_total_tokens=params.stop_length(prompt_len),
+            seqs,
+            max_total_tokens=max_total,
             params=params,
-            max_num_seqs=max(params.num_beams, params.num_return_sequences),
+            max_num_seqs=max(params.num_beams, params.num_return_sequences, len(seqs)),
         )
         stop = StopChecker(params, prompt_len, self.token_bytes if params.stop_strings else None)
         generator = None
@@ -204,6 +214,9 @@ class LLMEngine:
         if state.first_token_time is None:
             state.first_token_time = time.monotonic()
         seq.token_ids.append(token)
+        for companion in request.seqs:
+            if companion.data.get("companion"):
+                companion.token_ids.append(token)
         reason = state.stop.check(seq.token_ids)
         if reason is None and state.deadline is not None and time.monotonic() > state.deadline:
             reason = FinishReason.LENGTH  # MaxTimeCriteria: generate stops, no other reason
@@ -229,7 +242,7 @@ class LLMEngine:
                 top_logprobs=[pick.top_logprobs],
             )
         )
-        if not request.live_seqs:
+        if not any(not s.data.get("companion") for s in request.live_seqs):
             self._finish(state, out, reason or FinishReason.LENGTH)
 
     def _fork_siblings(self, state: _RequestState) -> None:

@@ -28,23 +28,29 @@ class Pick:
 
 
 def sampling_rows(
-    state: Any, rows: dict[int, int], dummy_row: int
+    state: Any, logits: torch.Tensor, rows: dict[int, int], dummy_row: int
 ) -> tuple[list[Sequence], list[SamplingRow], list[int]]:
-    """One request's sequences, sampler rows and logits row indices, in sibling order."""
+    """One request's sequences, sampler rows and logits row indices, in sibling order.
+
+    A guidance companion (negative prompt) is not sampled: its logits row rides along
+    on the rows it guides."""
     request, params = state.request, state.params
     seqs: list[Sequence] = []
     sampler_rows: list[SamplingRow] = []
     logit_rows: list[int] = []
-    siblings = request.seqs
+    siblings = [s for s in request.seqs if not s.data.get("companion")]
+    companion = next((s for s in request.seqs if s.data.get("companion")), None)
     if len(siblings) == 1 and params.num_return_sequences > 1:
         siblings = [siblings[0]] * params.num_return_sequences
     for seq in siblings:
         if seq.is_finished and state.generator is None:
             continue
         seqs.append(seq)
-        sampler_rows.append(
-            SamplingRow.from_params(params, seq.token_ids, seq.prompt_len, state.generator)
-        )
+        row = SamplingRow.from_params(params, seq.token_ids, seq.prompt_len, state.generator)
+        if companion is not None:
+            row.guidance_scale = params.guidance_scale
+            row.uncond_logits = logits[rows[companion.seq_id]]
+        sampler_rows.append(row)
         logit_rows.append(dummy_row if seq.is_finished else rows[seq.seq_id])
     return seqs, sampler_rows, logit_rows
 
@@ -64,7 +70,7 @@ def sample_groups(
     built = []
     for state, rows in plain:
         try:
-            built.append((state, *sampling_rows(state, rows, dummy)))
+            built.append((state, *sampling_rows(state, logits, rows, dummy)))
         except Exception as err:
             failed[state.request.request_id] = err
     chunks: list[list[tuple[Any, ...]]] = [built]

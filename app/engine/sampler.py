@@ -56,6 +56,9 @@ class SamplingRow:
     max_length: int = 0  # total length at which generation stops (forced_eos_token_id)
     options: SamplingParams | None = None  # set only when params.has_logits_options
     top_n: int = 0  # top alternatives to report
+    # Classifier-free guidance: the companion (negative prompt) sequence's logits row.
+    guidance_scale: float = 1.0
+    uncond_logits: torch.Tensor | None = None
 
     @classmethod
     def from_params(
@@ -122,6 +125,7 @@ class Sampler:
     def _process(self, scores: torch.Tensor, rows: Sequence[SamplingRow]) -> list[bool]:
         """Every processor in HF's order, in place; returns which rows they may have changed."""
         touched = [False] * len(rows)
+        self._guidance(scores, rows, touched)
         extra: Extra = [(i, r, r.options) for i, r in enumerate(rows) if r.options is not None]
         apply_processors(scores, rows, extra, touched)
         sample_rows = [i for i, r in enumerate(rows) if r.do_sample]
@@ -130,6 +134,19 @@ class Sampler:
         if extra:
             apply_post(scores, extra, touched, self.fallback)
         return touched
+
+    @staticmethod
+    def _guidance(scores: torch.Tensor, rows: Sequence[SamplingRow], touched: list[bool]) -> None:
+        """UnbatchedClassifierFreeGuidanceLogitsProcessor, first in HF's list: log-softmax of
+        the scores, pushed away from the unconditional (negative prompt) distribution."""
+        for i, row in enumerate(rows):
+            if row.uncond_logits is None:
+                continue
+            cond = torch.log_softmax(scores[i], dim=-1)
+            uncond = torch.log_softmax(row.uncond_logits, dim=-1)  # the model's dtype, as HF
+            mixed = row.guidance_scale * (cond - uncond) + uncond
+            scores[i] = mixed.to(scores.dtype)
+            touched[i] = True
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         scores = self._float32(logits, rows)

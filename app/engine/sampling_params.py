@@ -97,6 +97,9 @@ class SamplingParams:
     stop_strings: list[str] = field(default_factory=list)
     num_return_sequences: int = 1
     max_time: float | None = None  # seconds from admission (MaxTimeCriteria)
+    # Classifier-free guidance: the negative prompt runs as a companion sequence.
+    guidance_scale: float | None = None
+    negative_prompt_ids: list[int] | None = None
     # Beam search (sibling sequences sharing KV blocks; see beam_search.py).
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -201,6 +204,8 @@ class SamplingParams:
             kwargs["stop_strings"] = list(self.stop_strings)
         if self.max_time is not None:
             kwargs["max_time"] = self.max_time
+        if self.guidance_scale is not None:
+            kwargs["guidance_scale"] = self.guidance_scale
         return {**kwargs, **self.logits_generate_kwargs()}
 
     def min_total_length(self, prompt_len: int) -> int:
@@ -232,6 +237,14 @@ def _stop_strings(value: Any) -> list[str]:
             f"`stop_strings` must be a non-empty string or a list of them, got {value!r}",
         )
     return list(items)
+
+
+def _token_list_checked(name: str, value: Any, vocab_size: int | None) -> list[int]:
+    if not isinstance(value, list) or not value or not all(is_int(t) and t >= 0 for t in value):
+        raise ParamValidationError(name, f"`{name}` must be a non-empty list of token ids")
+    if vocab_size is not None and max(value) >= vocab_size:
+        raise ParamValidationError(name, f"`{name}` ids must be < {vocab_size}")
+    return list(value)
 
 
 def resolve_sampling_params(
@@ -373,6 +386,22 @@ def resolve_sampling_params(
             raise ParamValidationError(
                 "max_time", f"`max_time` must be > 0 seconds, got {max_time}"
             )
+    guidance = pick("guidance_scale")
+    negative = given.get("negative_prompt_ids")
+    if guidance is not None:
+        guidance = _finite("guidance_scale", guidance)
+        if guidance == 1:
+            guidance = None  # HF skips the processor at exactly 1
+    if guidance is not None and (num_beams > 1 or nrs > 1):
+        raise ParamValidationError(
+            "guidance_scale", "`guidance_scale` is served with num_beams = 1 and one sequence"
+        )
+    if negative is not None:
+        negative = _token_list_checked("negative_prompt_ids", negative, vocab_size)
+        if guidance is None:
+            raise ParamValidationError(
+                "negative_prompt_ids", "a negative prompt needs guidance_scale != 1"
+            )
     ignore_eos = _bool("ignore_eos", given.get("ignore_eos", False))
     if ignore_eos and num_beams > 1:
         raise ParamValidationError("ignore_eos", "`ignore_eos` is not supported with num_beams > 1")
@@ -400,6 +429,8 @@ def resolve_sampling_params(
         stop_strings=stop_strings,
         num_return_sequences=nrs,
         max_time=max_time,
+        guidance_scale=guidance,
+        negative_prompt_ids=negative,
         num_beams=num_beams,
         length_penalty=length_penalty,
         early_stopping=early_stopping,

@@ -59,6 +59,9 @@ OPTION_CASES: list[dict[str, Any]] = [
     {"stop_strings": ["다."]},
     {"eos_token_id": [1, 8]},
     {"pad_token_id": 0},
+    {"guidance_scale": 1.5},
+    {"guidance_scale": 2.0, "do_sample": True, "seed": 3},
+    {"max_time": 60.0},
 ]
 
 
@@ -126,3 +129,23 @@ def test_random_combinations(embedded64, options, do_sample, num_beams, seed, pr
         "max_new_tokens": 8,
     }
     check_alone_and_busy(embedded64, prompt, options)
+
+
+def test_guidance_with_negative_prompt(embedded64) -> None:
+    """negative_prompt_ids: the unconditional sequence starts from the negative prompt."""
+    import torch
+
+    prompt, negative = encode(embedded64, PROMPTS[2]), encode(embedded64, "법률")
+    options = {"guidance_scale": 1.8, "max_new_tokens": 12, "do_sample": True}
+    torch.manual_seed(9)
+    ids = torch.tensor([prompt])
+    ref = embedded64.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        negative_prompt_ids=torch.tensor([negative]),
+        **options,
+    )[0, len(prompt) :].tolist()
+    ours = {**options, "seed": 9, "negative_prompt_ids": negative}
+    assert engine_generate(embedded64, [(prompt, ours)])[0][0] == ref
+    busy = [(encode(embedded64, p), {"max_new_tokens": 10}) for p in PROMPTS]
+    assert engine_generate(embedded64, [*busy, (prompt, ours)])[-1][0] == ref
