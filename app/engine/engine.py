@@ -109,6 +109,8 @@ class LLMEngine:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
+        if params.token_healing:
+            prompt_token_ids = self._heal(prompt_token_ids)
         prompt_len = len(prompt_token_ids)
         seq = Sequence.from_prompt(prompt_token_ids)
         seqs = [seq]
@@ -145,6 +147,16 @@ class LLMEngine:
         self._states[request_id] = _RequestState(
             request, params, stop, generator, beam, deadline=deadline
         )
+
+    @torch.inference_mode()
+    def _heal(self, prompt_token_ids: list[int]) -> list[int]:
+        """generate's token healing: the prompt's tail token is re-chosen among its
+        extensions (transformers' own heal_tokens, a one-token generate on the prompt)."""
+        model = self.runner.hf_model
+        ids = torch.tensor([prompt_token_ids], device=self.runner.device)
+        healed = model.heal_tokens(ids, self.tokenizer)[0]
+        pad = self.tokenizer.pad_token_id
+        return [int(t) for t in healed.tolist() if t != pad] or prompt_token_ids
 
     def _init_sequence(self, seq: Sequence, params: SamplingParams) -> None:
         seq.data["detok"] = IncrementalDetokenizer(self.tokenizer, seq.token_ids[: seq.prompt_len])

@@ -100,6 +100,8 @@ class SamplingParams:
     # Classifier-free guidance: the negative prompt runs as a companion sequence.
     guidance_scale: float | None = None
     negative_prompt_ids: list[int] | None = None
+    # Token healing rewrites the prompt's tail at admission (generate's heal_tokens).
+    token_healing: bool = False
     # Beam search (sibling sequences sharing KV blocks; see beam_search.py).
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -402,6 +404,7 @@ def resolve_sampling_params(
             raise ParamValidationError(
                 "negative_prompt_ids", "a negative prompt needs guidance_scale != 1"
             )
+    token_healing = _bool("token_healing", pick("token_healing") or False)
     ignore_eos = _bool("ignore_eos", given.get("ignore_eos", False))
     if ignore_eos and num_beams > 1:
         raise ParamValidationError("ignore_eos", "`ignore_eos` is not supported with num_beams > 1")
@@ -431,6 +434,7 @@ def resolve_sampling_params(
         max_time=max_time,
         guidance_scale=guidance,
         negative_prompt_ids=negative,
+        token_healing=token_healing,
         num_beams=num_beams,
         length_penalty=length_penalty,
         early_stopping=early_stopping,

@@ -149,3 +149,20 @@ def test_guidance_with_negative_prompt(embedded64) -> None:
     assert engine_generate(embedded64, [(prompt, ours)])[0][0] == ref
     busy = [(encode(embedded64, p), {"max_new_tokens": 10}) for p in PROMPTS]
     assert engine_generate(embedded64, [*busy, (prompt, ours)])[-1][0] == ref
+
+
+@pytest.mark.parametrize("text", ["대한민국은 민주공화", "국회의"])
+def test_token_healing(embedded64, text: str) -> None:
+    """The healed prompt may change length: compare the new tokens after it."""
+    import torch
+
+    prompt = encode(embedded64, text)
+    options = {"token_healing": True, "max_new_tokens": 10}
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        full = embedded64.model.generate(
+            ids, attention_mask=torch.ones_like(ids), tokenizer=embedded64.tokenizer, **options
+        )[0].tolist()
+    busy = [(encode(embedded64, p), {"max_new_tokens": 10}) for p in PROMPTS]
+    got = engine_generate(embedded64, [*busy, (prompt, options)])[-1][0]
+    assert got == full[-len(got) :] and len(got) == 10
