@@ -46,14 +46,11 @@ class Settings(BaseSettings):
     num_kv_blocks: int | None = Field(
         default=None,
         ge=1,
-        description="KV cache blocks; default: enough for max_num_seqs full-length sequences "
-        "on CPU, or sized from free memory on GPU.",
+        description="KV cache blocks; default: as many as --kv-cache-memory-gb holds (at most "
+        "max_num_seqs full-length sequences).",
     )
     kv_cache_memory_gb: float | None = Field(
-        default=None, gt=0, description="Alternative to num_kv_blocks: KV cache size in GiB."
-    )
-    gpu_memory_utilization: float = Field(
-        default=0.9, gt=0, le=1, description="Fraction of GPU memory the server may use."
+        default=None, gt=0, description="KV cache size in GiB when --num-kv-blocks is not given (default 2)."
     )
     enable_prefix_caching: bool = Field(default=True, description="Share KV of equal prefixes.")
     max_input_tokens: int | None = Field(
