@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev,bench]"
+	# TGI's Python client pins huggingface-hub<1.0, which transformers 5 cannot use; its
+	# code works with the newer hub, so it is installed without its pins (tests use it).
+	$(PY) -m pip install -q --no-deps text-generation
 	touch $@
 
 install: $(VENV)/.installed

@@ -50,7 +50,9 @@ class Settings(BaseSettings):
         "max_num_seqs full-length sequences).",
     )
     kv_cache_memory_gb: float | None = Field(
-        default=None, gt=0, description="KV cache size in GiB when --num-kv-blocks is not given (default 2)."
+        default=None,
+        gt=0,
+        description="KV cache size in GiB when --num-kv-blocks is not given (default 2).",
     )
     enable_prefix_caching: bool = Field(default=True, description="Share KV of equal prefixes.")
     max_input_tokens: int | None = Field(
@@ -90,4 +92,10 @@ class Settings(BaseSettings):
     )
     seed: int = Field(
         default=0, description="Seed of the engine's generator for unseeded requests."
+    )
+    exact_lane_max_floats: int = Field(
+        default=2_000_000,
+        ge=0,
+        description="Most floats (attentions + hidden states) one output_attentions / "
+        "output_hidden_states request may return from the exact lane; past it: 422.",
     )

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.api.errors import APIError, param_error
+from app.api.option_table import IGNORED, NOT_YET, OPTION_TABLE, SERVED, OptionSpec
 from app.engine.async_engine import EngineNotRunningError, EngineQueueFullError
 from app.engine.engine import RequestOutput, SequenceOutput
 from app.engine.request import FinishReason
@@ -77,16 +78,93 @@ def tokenize_prompt(state: ServerState, text: str, field_name: str = "inputs") -
     return ids
 
 
+@dataclass
+class OptionSplit:
+    """A request's options routed by the option table (app/api/option_table.py)."""
+
+    engine: dict[str, Any]  # for resolve_sampling_params (negative_prompt still as text)
+    ignored: list[str]  # accepted, no effect on output (classes D, use_cache, prompt lookup)
+    exact: list[str]  # diagnostic outputs asked for: the exact lane (class C)
+
+
+def _is_neutral(value: Any, spec: OptionSpec) -> bool:
+    return any(type(value) is type(v) and value == v for v in spec.neutral) or (
+        isinstance(value, float) and any(value == v for v in spec.neutral)
+    )
+
+
+def _refusal(spec: OptionSpec) -> str:
+    hint = f" (or set it to {spec.neutral[0]!r})" if spec.neutral else ""
+    if spec.status == NOT_YET:
+        return f"`{spec.name}` is not supported yet ({spec.note}); omit it{hint}"
+    return f"`{spec.name}`: {spec.note}; omit it{hint}"
+
+
+def split_options(options: Mapping[str, Any]) -> OptionSplit:
+    """The one place where an option's table status becomes behaviour.
+
+    Served by the engine (and unknown names, which resolve_sampling_params rejects by name):
+    passed on. Accepted-ignored: dropped. Rejected / not yet: a ParamValidationError naming
+    the field and why, unless the value is null or neutral (the HF default: as omitted).
+    Served by the HTTP layer: `negative_prompt` passed on (build_params tokenizes it), the
+    output flags dropped (the schemas turned them into `details`). Exact-lane outputs: listed.
+    """
+    split = OptionSplit({}, [], [])
+    for name, value in options.items():
+        spec = OPTION_TABLE.get(name)
+        if spec is None or (spec.status == SERVED and spec.via == "engine"):
+            split.engine[name] = value
+        elif value is None:
+            continue
+        elif spec.status == SERVED:
+            if spec.via == "exact-lane" and value:
+                split.exact.append(name)
+            elif name == "negative_prompt":
+                split.engine[name] = value
+        elif spec.status == IGNORED:
+            split.ignored.append(name)
+        elif not _is_neutral(value, spec):
+            raise ParamValidationError(name, _refusal(spec))
+    return split
+
+
+def exact_outputs(options: Mapping[str, Any]) -> list[str]:
+    """The diagnostic outputs (output_attentions, output_hidden_states) a request asks for."""
+    return [n for n in OPTION_TABLE if OPTION_TABLE[n].via == "exact-lane" and options.get(n)]
+
+
 def build_params(
     state: ServerState,
     options: dict[str, Any],
     prompt_len: int,
     renames: dict[str, str] | None = None,
+    *,
+    exact_lane: bool = False,
 ) -> SamplingParams:
-    """Resolve and validate the options; a bad option is a 422 named as the caller named it."""
+    """Route the options by the option table, then resolve and validate them; a bad option is
+    a 422 named as the caller named it. `exact_lane`: the caller serves output_attentions /
+    output_hidden_states (app/api/exact_lane.py); elsewhere they are a 422."""
+    renames = {"inputs": "inputs", **(renames or {})}
     try:
+        split = split_options(options)
+        if split.exact and not exact_lane:
+            name = split.exact[0]
+            raise ParamValidationError(
+                name,
+                f"`{name}` is served by the exact lane of POST /generate, POST / and "
+                "/v1/completions without streaming only",
+            )
+        engine = split.engine
+        negative = engine.pop("negative_prompt", None)
+        if negative is not None:
+            if engine.get("negative_prompt_ids") is not None:
+                raise ParamValidationError(
+                    "negative_prompt", "give `negative_prompt` or `negative_prompt_ids`, not both"
+                )
+            engine["negative_prompt_ids"] = encode(state, negative)
+            renames.setdefault("negative_prompt_ids", "negative_prompt")
         return resolve_sampling_params(
-            options,
+            engine,
             state.generation_defaults(),
             state.max_total_tokens,
             prompt_len,
@@ -94,7 +172,7 @@ def build_params(
             vocab_size=int(state.loaded.config.vocab_size),
         )
     except ParamValidationError as exc:
-        raise param_error(exc, {"inputs": "inputs", **(renames or {})}) from exc
+        raise param_error(exc, renames) from exc
 
 
 def admission_error(err: EngineQueueFullError | EngineNotRunningError) -> APIError:

@@ -1,11 +1,13 @@
 """Every `model.generate` option as an HTTP field (transformers 5.23 GenerationConfig names).
 
 `GenerateOptions` declares each option once, so /docs lists them all and a typo is a 422 that
-names it (extra="forbid"). Types and obvious bounds are checked here; the engine's
-`resolve_sampling_params` does the model-aware validation (lengths against n_positions,
-token ids against the vocabulary, cross-field rules) and rejects, with a 422 naming the
-field, an option the engine does not serve yet. A value of null means "omitted": the
-checkpoint's generation_config default applies, exactly as in `model.generate`.
+names it (extra="forbid"). Types and obvious bounds are checked here. What each option does
+(served, accepted and ignored, 422 with the reason) is the option table's
+(app/api/option_table.py, docs/options.md), applied by `generation.split_options`; the
+engine's `resolve_sampling_params` does the model-aware validation (lengths against
+n_positions, token ids against the vocabulary, cross-field rules). A value of null means
+"omitted": the checkpoint's generation_config default applies, exactly as in
+`model.generate`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class GenerateOptions(BaseModel):
     stop_strings: list[str] | str | None = _f("Stop when the output contains one of these.")
     eos_token_id: TokenIds | None = _f("Token id(s) that end generation.")
     pad_token_id: int | None = _f("Padding token id.", ge=0)
-    bos_token_id: int | None = _f("Beginning-of-sequence token id.", ge=0)
+    bos_token_id: int | None = _f("Accepted; no effect (generation starts from the prompt).", ge=0)
     ignore_eos: bool | None = _f("Do not stop at eos (vLLM name; generate(eos_token_id=None)).")
     # -- strategy ----------------------------------------------------------------------------
     do_sample: bool | None = _f("Sample instead of greedy / beam search.")
@@ -74,17 +76,23 @@ class GenerateOptions(BaseModel):
     negative_prompt_ids: list[int] | None = _f("Negative prompt token ids for guidance.")
     watermarking_config: dict[str, Any] | None = _f("transformers WatermarkingConfig fields.")
     token_healing: bool | None = _f("Heal the prompt's last token boundary.")
-    allowed_token_ids: list[int] | None = _f("Only these token ids may be generated.")
+    allowed_token_ids: list[int] | None = _f(
+        "Only these token ids may be generated (not supported yet: 422)."
+    )
     # -- speculative (same output, only faster) ----------------------------------------------
-    prompt_lookup_num_tokens: int | None = _f("Prompt-lookup decoding candidate tokens.", ge=1)
-    max_matching_ngram_size: int | None = _f("Prompt-lookup n-gram size.", ge=1)
+    prompt_lookup_num_tokens: int | None = _f(
+        "Accepted; output identical without it (speculative).", ge=1
+    )
+    max_matching_ngram_size: int | None = _f(
+        "Accepted; prompt-lookup n-gram size (no effect on output).", ge=1
+    )
     # -- outputs -----------------------------------------------------------------------------
-    output_scores: bool | None = _f("Accepted; per-token details come from `details`.")
-    output_logits: bool | None = _f("Accepted; per-token details come from `details`.")
-    return_dict_in_generate: bool | None = _f("Accepted; the HTTP response is always a dict.")
+    output_scores: bool | None = _f("true = `details: true` (per-token logprobs).")
+    output_logits: bool | None = _f("true = `details: true` (per-token logprobs).")
+    return_dict_in_generate: bool | None = _f("true = `details: true` (the response is a dict).")
     output_attentions: bool | None = _f("Return attentions (exact slow lane, size-capped).")
     output_hidden_states: bool | None = _f("Return hidden states (exact slow lane, size-capped).")
-    # -- removed from transformers 5 core, served natively -----------------------------------
+    # -- removed from transformers 5 core: 422 "not supported yet" unless neutral ------------
     num_beam_groups: int | None = _f("Diverse beam search groups.", ge=1)
     diversity_penalty: float | None = _f("Diverse beam search penalty.")
     penalty_alpha: float | None = _f("Contrastive search degeneration penalty.")
@@ -100,7 +108,7 @@ class GenerateOptions(BaseModel):
     prefill_chunk_size: int | None = _f("Accepted; see --max-num-batched-tokens.")
     continuous_batching_config: dict[str, Any] | None = _f("Accepted; the server batches.")
     low_memory: bool | None = _f("Accepted; no effect on output.")
-    # -- encoder-decoder / assisted decoding (422 unless applicable) -------------------------
+    # -- encoder-decoder / assisted decoding: 422 with the reason unless neutral -------------
     encoder_repetition_penalty: float | None = _f("Encoder-decoder only: rejected for GPT-2.")
     encoder_no_repeat_ngram_size: int | None = _f("Encoder-decoder only: rejected for GPT-2.")
     decoder_start_token_id: TokenIds | None = _f("Encoder-decoder only: rejected for GPT-2.")

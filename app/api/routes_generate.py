@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
 
 from app.api.errors import APIError
+from app.api.exact_lane import check_cap, run_exact
 from app.api.generation import (
     Completion,
     RequestContext,
@@ -24,6 +25,7 @@ from app.api.generation import (
     check_prompt_ids,
     decoder,
     encode,
+    exact_outputs,
     finish_name,
     run_to_completion,
     stream_request,
@@ -93,10 +95,12 @@ class Prepared:
     prompt_text: str
     params: SamplingParams
     parameters: GenerateParameters
+    exact: list[str] = field(default_factory=list)  # diagnostic outputs: the exact lane
 
 
-def prepare(state: ServerState, body: GenerateRequest) -> Prepared:
-    """Prompt and options of a TGI request, validated (422s are raised here, before any stream)."""
+def prepare(state: ServerState, body: GenerateRequest, stream: bool = False) -> Prepared:
+    """Prompt and options of a TGI request, validated (422s are raised here, before any
+    stream). output_attentions / output_hidden_states take the exact lane (not streamed)."""
     if body.input_ids is not None:
         prompt_ids, field = list(body.input_ids), "input_ids"
     else:
@@ -106,13 +110,17 @@ def prepare(state: ServerState, body: GenerateRequest) -> Prepared:
         prompt_ids = prompt_ids[-truncate:]
     check_prompt_ids(state, prompt_ids, field)
     options, renames = body.parameters.generate_options()
-    params = build_params(state, options, len(prompt_ids), {"inputs": field, **renames})
+    renames = {"inputs": field, **renames}
+    params = build_params(state, options, len(prompt_ids), renames, exact_lane=not stream)
+    exact = exact_outputs(options)
+    if exact:
+        check_cap(state, len(prompt_ids), params, exact)
     if body.input_ids is not None or truncate is not None:
         prompt_text = state.tokenizer.decode(prompt_ids)
     else:
         prompt_text = body.inputs
     admit(state)
-    return Prepared(prompt_ids, prompt_text, params, body.parameters)
+    return Prepared(prompt_ids, prompt_text, params, body.parameters, exact)
 
 
 def context(request: Request, endpoint: str, prompt_text: str | None = None) -> RequestContext:
@@ -173,6 +181,14 @@ async def generate_once(request: Request, state: ServerState, body: GenerateRequ
     endpoint = request.url.path
     prep = prepare(state, body)
     ctx = context(request, endpoint, prep.prompt_text)
+    if prep.exact:
+        run = run_exact(state, ctx, prep.prompt_ids, prep.params, prep.exact)
+        completions, diagnostics = await guarded(request, run, state.cutoff)
+        response = build_response(state, prep, completions)
+        assert response.details is not None  # the exact lane's options turn details on
+        return response.model_copy(
+            update={"details": response.details.model_copy(update=diagnostics)}
+        )
     completions = await guarded(
         request, run_to_completion(state, ctx, prep.prompt_ids, prep.params), state.cutoff
     )
@@ -231,7 +247,7 @@ async def tgi_events(
 
 
 def stream_response(request: Request, state: ServerState, body: GenerateRequest) -> SSEResponse:
-    prep = prepare(state, body)
+    prep = prepare(state, body, stream=True)
     if prep.params.num_return_sequences > 1:  # TGI streams one sequence
         field = "best_of" if (body.parameters.best_of or 1) > 1 else "num_return_sequences"
         raise APIError(422, f"`{field}` > 1 cannot be streamed; use POST /generate", field=field)

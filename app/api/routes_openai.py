@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import JSONResponse
 
 from app.api.errors import APIError
+from app.api.exact_lane import check_cap, run_exact
 from app.api.generation import (
     Completion,
     RequestContext,
@@ -25,6 +27,7 @@ from app.api.generation import (
     check_prompt_ids,
     decoder,
     encode,
+    exact_outputs,
     run_to_completion,
     stream_request,
     token_steps,
@@ -307,6 +310,9 @@ async def completions(
     check_model(state, body.model)
     options, renames, n = completion_options(body)
     prompts = prompt_list(state, body.prompt)
+    exact = exact_outputs(options)  # output_attentions / output_hidden_states: exact lane
+    if exact and len(prompts) > 1:
+        raise APIError(422, f"`{exact[0]}` serves one prompt per request", field=exact[0])
     request_id = getattr(request.state, "request_id", "-")
     jobs = []
     for ids, text, field in prompts:
@@ -316,7 +322,12 @@ async def completions(
                 message = "`max_tokens` must be >= 1 (0 only with echo)"
                 raise APIError(422, message, "validation", "max_tokens")
         else:
-            params = build_params(state, options, len(ids), {**renames, "inputs": field})
+            renames_here = {**renames, "inputs": field}
+            params = build_params(
+                state, options, len(ids), renames_here, exact_lane=not body.stream
+            )
+            if exact:
+                check_cap(state, len(ids), params, exact)
         ctx = RequestContext(request.url.path, request_id, body.user, text)
         jobs.append(Job(ids, text, params, ctx))
     builder = Builder(state, body, jobs, n)
@@ -326,6 +337,12 @@ async def completions(
         if (body.best_of or n) > n:
             raise APIError(422, "`best_of` > `n` cannot be streamed", field="best_of")
         return SSEResponse(builder.events(), cutoff=state.cutoff)
+    job = jobs[0]
+    if exact and job.params is not None:
+        lane = run_exact(state, job.ctx, job.ids, job.params, exact)
+        completions, diagnostics = await guarded(request, lane, state.cutoff)
+        response = builder.response([completions]).model_dump(mode="json")
+        return JSONResponse({**response, "details": diagnostics})
 
     async def run(job: Job) -> list[Completion]:
         if job.params is None:

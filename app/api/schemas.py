@@ -9,8 +9,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.errors import APIError
+from app.api.option_table import DETAILS_OPTIONS, EXACT_LANE_OPTIONS
 from app.api.options import GenerateOptions
+
+DETAILS_FLAGS = (*DETAILS_OPTIONS, *EXACT_LANE_OPTIONS)
 
 
 class Grammar(BaseModel):
@@ -59,6 +61,14 @@ class GenerateParameters(GenerateOptions):
     )
     adapter_id: str | None = Field(default=None, description="LoRA adapter: not served (422).")
 
+    @model_validator(mode="after")
+    def _output_flags_mean_details(self) -> GenerateParameters:
+        """output_scores / output_logits / return_dict_in_generate (and the exact lane's
+        output_attentions / output_hidden_states) ask for what `details` returns."""
+        if any(getattr(self, name) for name in DETAILS_FLAGS):
+            self.details = True
+        return self
+
     def generate_options(self) -> tuple[dict[str, Any], dict[str, str]]:
         """(engine options, renames): options for resolve_sampling_params, and how to name
         an engine field in an error (e.g. num_return_sequences set by best_of -> best_of)."""
@@ -85,8 +95,8 @@ class GenerateParameters(GenerateOptions):
         if self.watermark and "watermarking_config" not in data:
             data["watermarking_config"] = {}
             renames["watermarking_config"] = "watermark"
-        if self.adapter_id is not None:
-            raise APIError(422, "`adapter_id`: LoRA adapters are not served", field="adapter_id")
+        if self.adapter_id is not None:  # the option table rejects it (split_options)
+            data["adapter_id"] = self.adapter_id
         if self.frequency_penalty is not None and self.frequency_penalty != 0:
             data["frequency_penalty"] = self.frequency_penalty
         if self.grammar is not None:
@@ -148,6 +158,10 @@ class BestOfSequence(BaseModel):
     top_tokens: list[list[Token]] | None = None
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
 class Details(BaseModel):
     finish_reason: FinishReasonName
     generated_tokens: int
@@ -157,6 +171,19 @@ class Details(BaseModel):
     tokens: list[Token] = Field(default_factory=list)
     top_tokens: list[list[Token]] | None = None
     best_of_sequences: list[BestOfSequence] | None = None
+    # Only in exact-lane responses (omitted otherwise: TGI's wire format is unchanged).
+    attentions: list[Any] | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="output_attentions (exact lane): transformers' layout as nested lists, "
+        "[step][layer][row][head][query][key].",
+    )
+    hidden_states: list[Any] | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="output_hidden_states (exact lane): [step][embeddings + layers][row]"
+        "[position][hidden].",
+    )
 
 
 class GenerateResponse(BaseModel):

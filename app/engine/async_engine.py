@@ -13,14 +13,16 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from app.engine.engine import LLMEngine, RequestOutput
 from app.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("kogpt.engine")
+
+T = TypeVar("T")
 
 
 class EngineQueueFullError(RuntimeError):
@@ -109,6 +111,18 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between two steps (it may use the model: nothing else
+        does meanwhile) and return its result or raise its exception. Other requests wait
+        while it runs. Cancelling the caller does not stop `fn` once it has started."""
+        if not self.is_running:
+            raise EngineNotRunningError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._inbox.put(("call", (loop, future, fn)))
+        self._wakeup.set()
+        return await future
+
     def check_admission(self) -> None:
         """Raise if a new request would be refused now (callers check before streaming)."""
         if self.draining:
@@ -161,6 +175,8 @@ class AsyncEngine:
                     self.engine.add_request(request_id, prompt, params)
                 except Exception as err:
                     self._deliver([self._error_output(request_id, prompt, err)])
+            elif kind == "call":
+                _run_call(*payload)
             else:
                 self.engine.abort_request(payload)
 
@@ -194,6 +210,25 @@ class AsyncEngine:
             out = RequestOutput(request_id, [], [], True, message)
             with contextlib.suppress(RuntimeError):
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+
+def _run_call(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], fn: Any) -> None:
+    """run_exclusive's call, on the engine thread; the result goes back to the caller's loop."""
+    try:
+        result, error = fn(), None
+    except Exception as err:
+        result, error = None, err
+
+    def resolve() -> None:
+        if future.done():  # the caller was cancelled
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+        loop.call_soon_threadsafe(resolve)
 
 
 def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:

@@ -256,11 +256,14 @@ def main() -> None:
             print(f"  {name:34s} {s['tok_s']:9.1f} tok/s  ({s['seconds']:.2f} s)")
         for name, r in ratios.items():
             print(f"  kogpt-serve / {name:28s} {r:6.2f}x")
-    out = Path(args.out)
+        write_results(results, Path(args.out))  # after every level: a long run is never lost
+
+
+def write_results(results: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine_cpu.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "engine_cpu.png")
-    print(f"\nwrote {out / 'engine_cpu.json'} and {out / 'engine_cpu.png'}")
+    print(f"wrote {out / 'engine_cpu.json'} and {out / 'engine_cpu.png'}")
 
 
 if __name__ == "__main__":
