@@ -100,7 +100,7 @@ option_values = st.fixed_dictionaries(
         "min_new_tokens": st.integers(0, 6),
         "suppress_tokens": st.lists(st.integers(7, 400), min_size=1, max_size=3),
         "bad_words_ids": st.lists(
-            st.lists(st.integers(7, 400), min_size=1, max_size=2), max_size=2
+            st.lists(st.integers(7, 400), min_size=1, max_size=2), min_size=1, max_size=2
         ),
         "typical_p": st.sampled_from([0.5, 0.95]),
         "min_p": st.sampled_from([0.05, 0.2]),

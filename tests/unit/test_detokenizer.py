@@ -16,20 +16,13 @@ from app.engine.detokenizer import IncrementalDetokenizer
 SPECIALS = ["<s>", "</s>", "<usr>", "<pad>", "<unk>"]  # KoGPT-2's names; ids 0..4
 ADDED = "<추가>"  # a non-special added token whose text is outside the byte alphabet
 
-_FALLBACK_TEXT = (
-    "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 "
-    "나온다. 모든 국민은 인간으로서의 존엄과 가치를 가지며, 행복을 추구할 권리를 가진다. "
-    "국가는 개인이 가지는 불가침의 기본적 인권을 확인하고 이를 보장할 의무를 진다. "
-) * 8
-
 
 def korean_text() -> str:
-    try:
-        import konlpy
-    except ImportError:
-        return _FALLBACK_TEXT
-    path = Path(konlpy.__file__).parent / "data" / "corpus" / "kolaw" / "constitution.txt"
-    return path.read_text(encoding="utf-8")[:6000] if path.exists() else _FALLBACK_TEXT
+    """The first 6000 characters of the Constitution of the Republic of Korea (public domain;
+    from konlpy's corpus), committed so every machine trains the same test tokenizer."""
+    return (Path(__file__).resolve().parents[1] / "data" / "constitution_excerpt.txt").read_text(
+        encoding="utf-8"
+    )
 
 
 @functools.lru_cache(maxsize=1)
