@@ -38,6 +38,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from app.engine.stop import byte_decoder  # GPT-2's byte <-> character table, written once
+
 # KoGPT-2 (skt/kogpt2-base-v2) special tokens; the list index is the token id.
 SPECIAL_TOKENS = ["<s>", "</s>", "<usr>", "<pad>", "<sys>", "<unk>", "<mask>"]
 BOS_ID = EOS_ID = 1  # KoGPT-2 uses </s> for both
@@ -125,20 +128,6 @@ def load_corpus() -> list[str]:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (what ByteLevel uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
 def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE (GPT-2 style) whose merges never split a character of the corpus.
 
@@ -149,7 +138,7 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
     every corpus character from its UTF-8 bytes ranked first. Every token of the encoded
     corpus is therefore valid UTF-8; byte tokens remain for characters never seen.
     """
-    b2u = bytes_to_unicode()
+    b2u = {b: ch for ch, b in byte_decoder().items()}
 
     def to_bytelevel(s: str) -> str:
         return "".join(b2u[b] for b in s.encode("utf-8"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,3 +38,33 @@ def tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
         pad_token_id=3,
     )
     return GPT2LMHeadModel(config).eval().double()
+
+
+# A small random GPT-2 with a peaky distribution (top-k / top-p and penalties remove real
+# probability mass), in float64 so sampler results must equal generate's exactly.
+PEAKY_VOCAB, PEAKY_POSITIONS, PEAKY_EOS = 300, 128, 1
+
+
+@pytest.fixture(scope="session")
+def peaky_model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=PEAKY_VOCAB,
+        n_positions=PEAKY_POSITIONS,
+        bos_token_id=PEAKY_EOS,
+        eos_token_id=PEAKY_EOS,
+        initializer_range=0.2,
+    )
+    return GPT2LMHeadModel(config).double().eval()
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """The tiny models are dominated by thread overhead, badly so on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -153,7 +153,7 @@ def _matching_mode(tokenizer: Any) -> str | None:
     return None
 
 
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode (the ByteLevel alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
@@ -172,13 +172,13 @@ def token_bytes_table(tokenizer: Any) -> list[bytes]:
     mode = _matching_mode(tokenizer)
     vocab: dict[str, int] = tokenizer.get_vocab()
     table = [b""] * (max(vocab.values()) + 1)
-    byte_decoder = _byte_decoder() if mode == "byte_level" else None
+    decoder = byte_decoder() if mode == "byte_level" else None
     prefix = "abcdef"  # HF's static prefix trick for tokens with no direct byte form
     base_tokens: list[str] | None = None
     for token, idx in vocab.items():
         raw: bytes | None = None
-        if byte_decoder is not None and all(c in byte_decoder for c in token):
-            raw = bytes(byte_decoder[c] for c in token)
+        if decoder is not None and all(c in decoder for c in token):
+            raw = bytes(decoder[c] for c in token)
         elif (
             mode == "byte_fallback"
             and len(token) == 6

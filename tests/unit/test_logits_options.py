@@ -17,21 +17,23 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 from transformers.generation import WatermarkingConfig
 from transformers.generation.logits_process import InfNanRemoveLogitsProcessor
 
 from app.engine.sampler import Sampler, SamplingRow, make_generator
 from app.engine.sampling_params import ParamValidationError, resolve_sampling_params
 from app.engine.stop import StopChecker
+from tests.conftest import PEAKY_EOS, PEAKY_POSITIONS, PEAKY_VOCAB
 from tests.unit.test_engine import make_engine, run_all
 
-N_POS, VOCAB, EOS = 128, 300, 1
+N_POS, VOCAB, EOS = PEAKY_POSITIONS, PEAKY_VOCAB, PEAKY_EOS
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:
+    # The tiny model is dominated by thread overhead, badly so on a shared 2-core box.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -39,19 +41,8 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def model() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=4,
-        vocab_size=VOCAB,
-        n_positions=N_POS,
-        bos_token_id=EOS,
-        eos_token_id=EOS,
-        initializer_range=0.2,  # peaky: the cut-offs and penalties change real mass
-    )
-    return GPT2LMHeadModel(config).double().eval()
+def model(peaky_model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    return peaky_model
 
 
 def prompt_of(seed: int, length: int) -> list[int]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from app.engine.request import FinishReason
 from app.engine.sampler import Sampler, SamplingRow, make_generator
@@ -19,9 +19,9 @@ from app.engine.sampling_params import (
     resolve_sampling_params,
 )
 from app.engine.stop import StopChecker
+from tests.conftest import PEAKY_EOS as EOS
+from tests.conftest import PEAKY_POSITIONS as N_POS
 
-N_POS = 128
-EOS = 1
 # generate() warns about its default max_length and sampling flags; the behaviour is the point.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -36,19 +36,8 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def model() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=4,
-        vocab_size=300,
-        n_positions=N_POS,
-        bos_token_id=EOS,
-        eos_token_id=EOS,
-        initializer_range=0.2,  # peakier than the default: top-k / top-p cut real mass
-    )
-    return GPT2LMHeadModel(config).double().eval()
+def model(peaky_model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    return peaky_model
 
 
 def prompt_of(seed: int, length: int) -> list[int]:
