@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from app.engine.logits_options import API_ONLY_INPUTS, LOGITS_DEFAULTS, resolve_logits_options
+from app.engine.strategy_options import resolve_strategy
 from app.engine.validation import ParamValidationError, is_int
 from app.engine.validation import bool_ as _bool
 from app.engine.validation import finite as _finite
@@ -241,14 +242,6 @@ def _stop_strings(value: Any) -> list[str]:
     return list(items)
 
 
-def _token_list_checked(name: str, value: Any, vocab_size: int | None) -> list[int]:
-    if not isinstance(value, list) or not value or not all(is_int(t) and t >= 0 for t in value):
-        raise ParamValidationError(name, f"`{name}` must be a non-empty list of token ids")
-    if vocab_size is not None and max(value) >= vocab_size:
-        raise ParamValidationError(name, f"`{name}` ids must be < {vocab_size}")
-    return list(value)
-
-
 def resolve_sampling_params(
     user: Mapping[str, Any],
     model_generation_config: Mapping[str, Any],
@@ -360,53 +353,9 @@ def resolve_sampling_params(
     stop = pick("stop_strings")
     stop_strings = [] if stop is None else _stop_strings(stop)
 
-    nrs = _int("num_return_sequences", pick("num_return_sequences"), 1, ">= 1")
-    num_beams = _int("num_beams", pick("num_beams"), 1, ">= 1")
-    length_penalty = _finite("length_penalty", pick("length_penalty"))
-    early_stopping = pick("early_stopping")
-    if early_stopping not in (True, False, "never"):
-        raise ParamValidationError(
-            "early_stopping",
-            f'`early_stopping` must be true, false or "never", got {early_stopping!r}',
-        )
-    # GenerationConfig.validate's rules for the number of returned sequences.
-    if num_beams > 1 and nrs > num_beams:
-        raise ParamValidationError(
-            "num_return_sequences",
-            f"`num_return_sequences` ({nrs}) must be <= `num_beams` ({num_beams}) in beam search",
-        )
-    if num_beams == 1 and not do_sample and nrs != 1:
-        raise ParamValidationError(
-            "num_return_sequences",
-            f"greedy decoding returns 1 sequence; `num_return_sequences` must be 1 (got {nrs}) "
-            "unless do_sample=true or num_beams > 1",
-        )
-    max_time = pick("max_time")
-    if max_time is not None:
-        max_time = _finite("max_time", max_time)
-        if max_time <= 0:
-            raise ParamValidationError(
-                "max_time", f"`max_time` must be > 0 seconds, got {max_time}"
-            )
-    guidance = pick("guidance_scale")
-    negative = given.get("negative_prompt_ids")
-    if guidance is not None:
-        guidance = _finite("guidance_scale", guidance)
-        if guidance == 1:
-            guidance = None  # HF skips the processor at exactly 1
-    if guidance is not None and (num_beams > 1 or nrs > 1):
-        raise ParamValidationError(
-            "guidance_scale", "`guidance_scale` is served with num_beams = 1 and one sequence"
-        )
-    if negative is not None:
-        negative = _token_list_checked("negative_prompt_ids", negative, vocab_size)
-        if guidance is None:
-            raise ParamValidationError(
-                "negative_prompt_ids", "a negative prompt needs guidance_scale != 1"
-            )
-    token_healing = _bool("token_healing", pick("token_healing") or False)
+    strategy = resolve_strategy(pick, given, do_sample, vocab_size)
     ignore_eos = _bool("ignore_eos", given.get("ignore_eos", False))
-    if ignore_eos and num_beams > 1:
+    if ignore_eos and strategy["num_beams"] > 1:
         raise ParamValidationError("ignore_eos", "`ignore_eos` is not supported with num_beams > 1")
     logits = resolve_logits_options(
         pick,
@@ -430,14 +379,7 @@ def resolve_sampling_params(
         eos_token_id=eos,
         pad_token_id=pad,
         stop_strings=stop_strings,
-        num_return_sequences=nrs,
-        max_time=max_time,
-        guidance_scale=guidance,
-        negative_prompt_ids=negative,
-        token_healing=token_healing,
-        num_beams=num_beams,
-        length_penalty=length_penalty,
-        early_stopping=early_stopping,
         ignore_eos=ignore_eos,
+        **strategy,
         **logits,
     )

@@ -129,9 +129,9 @@ def test_prompt_ending_mid_character_is_not_decoded(tokenizer: PreTrainedTokeniz
 
 
 def _byte_token(byte: int) -> str:
-    from app.engine.stop import _byte_decoder
+    from app.engine.stop import byte_decoder
 
-    return next(ch for ch, b in _byte_decoder().items() if b == byte)
+    return next(ch for ch, b in byte_decoder().items() if b == byte)
 
 
 @settings(max_examples=300, deadline=None)

@@ -15,6 +15,7 @@ PURE_MODULES = [
     "app.engine.stop",
     "app.engine.validation",
     "app.engine.logits_options",
+    "app.engine.strategy_options",
 ]
 
 
