@@ -61,7 +61,7 @@ def peaky_model() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).double().eval()
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """The tiny models are dominated by thread overhead, badly so on a shared 2-core box."""
     before = torch.get_num_threads()

@@ -194,10 +194,6 @@ class Scheduler:
 
     # -- helpers -------------------------------------------------------------------------
     @staticmethod
-    def _remaining(request: Request) -> int:
-        return sum(s.num_uncomputed for s in request.live_seqs)
-
-    @staticmethod
     def _plan_chunks(live: list[Sequence], budget: int) -> list[int]:
         """Tokens per sequence this step; a request samples only when all its seqs finish.
 

@@ -24,15 +24,7 @@ BLOCK_SIZES = [4, 16]
 MINI_DIR = Path(__file__).resolve().parents[2] / "models" / "kogpt2-mini"
 
 _models: dict = {}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: threading only adds overhead (and contention on a shared 2-core box).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: threads only add overhead
 
 
 def tiny_model(dtype: torch.dtype) -> GPT2LMHeadModel:

@@ -9,7 +9,7 @@ scores (output_scores). Then the engine itself (validation: test_logits_options_
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,16 +28,10 @@ from tests.conftest import PEAKY_EOS, PEAKY_POSITIONS, PEAKY_VOCAB
 from tests.unit.test_engine import make_engine, run_all
 
 N_POS, VOCAB, EOS = PEAKY_POSITIONS, PEAKY_VOCAB, PEAKY_EOS
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny model is dominated by thread overhead, badly so on a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("one_thread"),  # tiny models: threads only add overhead
+]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,16 +22,10 @@ from tests.conftest import PEAKY_EOS as EOS
 from tests.conftest import PEAKY_POSITIONS as N_POS
 
 # generate() warns about its default max_length and sampling flags; the behaviour is the point.
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny model is dominated by thread overhead, badly so on a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("one_thread"),  # tiny models: threads only add overhead
+]
 
 
 @pytest.fixture(scope="module")
