@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     model: str = Field(
         default_factory=default_model_path,
         description="Checkpoint directory or hub id (default: the embedded model in models/).",
+    )
+    draft_model: str | None = Field(
+        default=None,
+        description="A smaller checkpoint with the same tokenizer that drafts tokens for the "
+        "model (speculative decoding: faster, identical output; enables the assisted-decoding "
+        "options).",
     )
     served_model_name: str | None = Field(
         default=None, description="Model name reported by the API (default: the directory name)."
@@ -52,7 +58,16 @@ class Settings(BaseSettings):
     kv_cache_memory_gb: float | None = Field(
         default=None,
         gt=0,
-        description="KV cache size in GiB when --num-kv-blocks is not given (default 2).",
+        description="KV cache size in GiB when --num-kv-blocks is not given (default: 2 on "
+        "CPU; on CUDA sized by --gpu-memory-utilization).",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="On CUDA without --num-kv-blocks / --kv-cache-memory-gb: the share of GPU "
+        "memory the server may use; the KV cache gets what the weights and a profiled "
+        "largest step leave of it.",
     )
     enable_prefix_caching: bool = Field(default=True, description="Share KV of equal prefixes.")
     max_input_tokens: int | None = Field(
@@ -99,3 +114,18 @@ class Settings(BaseSettings):
         description="Most floats (attentions + hidden states) one output_attentions / "
         "output_hidden_states request may return from the exact lane; past it: 422.",
     )
+    chat_template: str | None = Field(
+        default=None,
+        description="Chat template of /v1/chat/completions: a Jinja file path or the template "
+        "itself (default: the tokenizer's own, else the built-in KoGPT-2 chatbot "
+        "template <usr>question<sys>answer</s>).",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template_loads(cls, value: str | None) -> str | None:
+        from app.api.chat_template import load_template_setting  # jinja2 only
+
+        if value:
+            load_template_setting(value)  # fail at start: no file, or a Jinja syntax error
+        return value

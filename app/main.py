@@ -25,11 +25,21 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from app import __version__
-from app.api import routes_admin, routes_fewshot, routes_generate, routes_openai
-from app.api.errors import install_error_handlers
+from app.api import (
+    routes_admin,
+    routes_chat,
+    routes_fewshot,
+    routes_generate,
+    routes_openai,
+    routes_playground,
+    routes_watermark,
+)
+from app.api.errors import install_error_handlers, is_openai_path
 from app.api.middleware import ApiMiddleware
+from app.api.schemas_chat import ChatCompletionChunk
 from app.api.schemas_fewshot import FewShotStreamEvent
 from app.api.schemas_openai import CompletionChunk
+from app.api.streaming import sse_event_schema
 from app.config import Settings
 from app.metrics import ServerMetrics
 from app.state import ServerState, build_state
@@ -40,9 +50,11 @@ DESCRIPTION = """Inference server for Korean GPT-2 (KoGPT-2) models.
 
 * **TGI-compatible**: `POST /generate`, `POST /generate_stream`, `POST /` (the
   `text-generation` client and `huggingface_hub.InferenceClient` work unchanged).
-* **OpenAI-compatible**: `POST /v1/completions`, `GET /v1/models` (the `openai` package works
-  unchanged; any generate option is an extra body field).
+* **OpenAI-compatible**: `POST /v1/completions`, `POST /v1/chat/completions` (KoGPT-2 chatbot
+  template), `GET /v1/models` (the `openai` package works unchanged; any generate option is an
+  extra body field).
 * **Few-shot**: `POST /few-shot`.
+* **Watermark detection**: `POST /watermark/detect` (transformers' `WatermarkDetector`).
 * Every `model.generate` option is a parameter; omitted options take the checkpoint's
   generation_config defaults, exactly as `model.generate` does.
 
@@ -52,7 +64,11 @@ Errors have one shape: `{"error", "error_type", "field"}`, wrapped as
 long; 429 (with Retry-After): waiting queue full; 503: draining for shutdown.
 """
 
-STREAM_MODELS: tuple[type[BaseModel], ...] = (CompletionChunk, FewShotStreamEvent)
+STREAM_MODELS: tuple[type[BaseModel], ...] = (
+    CompletionChunk,
+    ChatCompletionChunk,
+    FewShotStreamEvent,
+)
 
 
 async def drain(server: ServerState, grace_seconds: float) -> None:
@@ -128,12 +144,16 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             for name, definition in js.pop("$defs", {}).items():
                 schemas.setdefault(name, definition)
             schemas.setdefault(model.__name__, js)
-        for path in schema.get("paths", {}).values():  # SSE bodies are events, not strings
+        for route, path in schema.get("paths", {}).items():  # SSE bodies are events
+            openai = is_openai_path(route)
+            error = "OpenAIErrorResponse" if openai else "ErrorResponse"
+            error_ref = f"#/components/schemas/{error}"
             for operation in path.values():
                 for response in operation.get("responses", {}).values():
                     sse = response.get("content", {}).get("text/event-stream", {})
                     if "$ref" in sse.get("schema", {}):
-                        sse["schema"].pop("type", None)
+                        ref = sse["schema"]["$ref"]
+                        sse["schema"] = sse_event_schema(ref, error_ref, done=openai)
         if settings.api_key is not None:
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             schema["security"] = [{"bearer": []}]
@@ -188,6 +208,9 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     app.include_router(routes_generate.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_fewshot.router)
+    app.include_router(routes_playground.router)
+    app.include_router(routes_chat.router)
+    app.include_router(routes_watermark.router)
     app.add_middleware(
         ApiMiddleware,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,

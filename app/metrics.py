@@ -24,6 +24,8 @@ except the per-step batch size histogram, which is observed after every engine s
 | kogpt_prefix_cache_hits_total | counter | | of which found in the prefix cache |
 | kogpt_preemptions_total | counter | | recompute preemptions |
 | kogpt_engine_steps_total | counter | | engine steps run |
+| kogpt_spec_draft_tokens_total | counter | | speculative (prompt-lookup) tokens verified |
+| kogpt_spec_accepted_tokens_total | counter | | of which accepted (equal to plain decoding's) |
 | kogpt_batch_size | histogram | | sequences per engine step |
 | kogpt_draining | gauge | | 1 while shutting down |
 """
@@ -67,6 +69,8 @@ ENGINE_SERIES = (
     ("kogpt_prefix_cache_hits", "counter", "Prompt blocks found cached.", "prefix_hits"),
     ("kogpt_preemptions", "counter", "Recompute preemptions.", "num_preemptions"),
     ("kogpt_engine_steps", "counter", "Engine steps run.", "num_steps"),
+    ("kogpt_spec_draft_tokens", "counter", "Speculative tokens verified.", "spec_draft_tokens"),
+    ("kogpt_spec_accepted_tokens", "counter", "Drafts accepted.", "spec_accepted_tokens"),
     ("kogpt_draining", "gauge", "1 while the server drains.", "draining"),
 )
 

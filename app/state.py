@@ -15,13 +15,13 @@ from fastapi import Request
 from app import __version__
 from app.config import Settings
 from app.engine.async_engine import AsyncEngine
+from app.engine.draft_model import check_same_tokenizer
 from app.engine.engine import EngineConfig, LLMEngine
-from app.engine.model_runner import kv_bytes_per_block
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_sizing import KVSizing, KVSizingError, resolve_kv_sizing
 from app.modeling.loader import LoadedModel, load_model
 
 logger = logging.getLogger("kogpt.server")
-
-CPU_DEFAULT_KV_GIB = 2.0  # default KV pool on CPU hosts when nothing is configured
 
 
 @dataclass
@@ -32,6 +32,7 @@ class ServerState:
     model_name: str
     max_input_tokens: int
     max_total_tokens: int
+    kv_sizing: KVSizing | None = None
     started_at: float = field(default_factory=time.time)
     ready: bool = False
     metrics: Any = None  # app.metrics.ServerMetrics, created by the app's lifespan
@@ -52,59 +53,61 @@ class ServerState:
         return self.loaded.generation_config.to_dict()
 
 
-def resolve_num_blocks(settings: Settings, config: Any, dtype: torch.dtype) -> int:
-    """KV blocks from the settings: explicit count, or a memory size, or the CPU default.
-
-    Never fewer than one full-length sequence needs, so every valid request can run.
-    """
-    per_block = kv_bytes_per_block(config, settings.block_size, dtype)
-    min_blocks = -(-int(config.n_positions) // settings.block_size)
-    if settings.num_kv_blocks is not None:
-        blocks = settings.num_kv_blocks
-    else:
-        gib = settings.kv_cache_memory_gb or CPU_DEFAULT_KV_GIB
-        wanted = settings.max_num_seqs * min_blocks
-        blocks = min(wanted, int(gib * 2**30) // per_block)
-    if blocks < min_blocks:
-        raise ValueError(
-            f"the KV cache has {blocks} blocks but one {config.n_positions}-token sequence needs "
-            f"{min_blocks}; raise --num-kv-blocks or --kv-cache-memory-gb"
-        )
-    return blocks
-
-
 def build_state(settings: Settings) -> ServerState:
     started = time.monotonic()
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
     config = loaded.config
-    num_blocks = resolve_num_blocks(settings, config, loaded.dtype)
-    engine = LLMEngine(
-        loaded.model,
-        loaded.tokenizer,
-        EngineConfig(
-            num_blocks=num_blocks,
-            block_size=settings.block_size,
-            max_num_seqs=settings.max_num_seqs,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            enable_prefix_caching=settings.enable_prefix_caching,
-            seed=settings.seed,
-        ),
-    )
+    sizing = resolve_kv_sizing(settings, PagedGPT2.from_hf(loaded.model))
+    draft = load_draft_model(settings, loaded)
+    num_blocks = sizing.num_blocks
+    try:
+        engine = LLMEngine(
+            loaded.model,
+            loaded.tokenizer,
+            EngineConfig(
+                num_blocks=num_blocks,
+                block_size=settings.block_size,
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
+                enable_prefix_caching=settings.enable_prefix_caching,
+                seed=settings.seed,
+            ),
+            draft_model=draft.model if draft else None,
+        )
+    except torch.OutOfMemoryError as exc:
+        raise KVSizingError(
+            f"out of device memory allocating {sizing.describe()}: lower "
+            "--gpu-memory-utilization, --kv-cache-memory-gb or --num-kv-blocks"
+        ) from exc
     async_engine = AsyncEngine(engine, settings.max_waiting_requests)
     n_positions = int(config.n_positions)
     max_total = min(settings.max_total_tokens or n_positions, n_positions)
     max_input = min(settings.max_input_tokens or max_total - 1, max_total - 1)
     name = settings.served_model_name or Path(settings.model).name or settings.model
     logger.info(
-        "loaded %s on %s (%s) in %.1fs; KV cache %d blocks x %d tokens",
+        "loaded %s on %s (%s) in %.1fs; %s, %d tokens per block",
         name,
         loaded.device,
         loaded.dtype,
         time.monotonic() - started,
-        num_blocks,
+        sizing.describe(),
         settings.block_size,
     )
-    return ServerState(settings, loaded, async_engine, name, max_input, max_total)
+    return ServerState(settings, loaded, async_engine, name, max_input, max_total, sizing)
+
+
+def load_draft_model(settings: Settings, loaded: LoadedModel) -> LoadedModel | None:
+    """--draft-model: loaded like the model (same device and dtype); its tokenizer must be
+    the model's. Its KV cache has the model's number of blocks (extra memory, not sized by
+    --kv-cache-memory-gb)."""
+    if not settings.draft_model:
+        return None
+    draft = load_model(settings.draft_model, device=str(loaded.device), dtype=settings.dtype)
+    if draft.dtype != loaded.dtype:
+        draft.model.to(loaded.dtype)
+    check_same_tokenizer(draft.tokenizer, loaded.tokenizer)
+    logger.info("draft model %s loaded for speculative decoding", settings.draft_model)
+    return draft
 
 
 def get_state(request: Request) -> ServerState:
@@ -138,5 +141,6 @@ def info_dict(state: ServerState) -> dict[str, Any]:
             "num_blocks": engine.kv.num_blocks,
             "block_size": engine.kv.block_size,
             "prefix_caching": state.settings.enable_prefix_caching,
+            "sizing": state.kv_sizing.as_dict() if state.kv_sizing else None,
         },
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -114,16 +115,47 @@ def param_error(exc: ParamValidationError, renames: dict[str, str] | None = None
     return APIError(422, message, "validation", field)
 
 
-def _loc_to_field(loc: tuple[object, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
+# pydantic puts the union member that failed into an error's location, e.g.
+# ("prompt", "list[int]", 0); a client knows the field, not the member.
+_UNION_MEMBER = re.compile(
+    r"^(str|int|float|bool|bytes|none|any|constrained-\w+|[A-Z]\w*"
+    r"|(list|dict|tuple|set|frozenset|literal|function-\w+)\[.*\])$"
+)
+
+
+def _is_member(part: object) -> bool:
+    return isinstance(part, str) and _UNION_MEMBER.match(part) is not None
+
+
+def _loc_to_field(loc: tuple[object, ...], user_key: bool = False) -> str:
+    """Dotted field path without pydantic's union-member tags. With `user_key` the last part
+    is a key the client sent (an unknown field), kept even when it looks like a tag ("A")."""
+    head, tail = (loc[:-1], [str(loc[-1])]) if user_key and loc else (loc, [])
+    parts = [str(p) for p in head if p != "body" and not _is_member(p)] + tail
     return ".".join(parts) or "body"
 
 
+def _union_field(errors: list[Any]) -> str | None:
+    """The field, when every error is one alternative of the same union (nothing fit)."""
+    prefixes = set()
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        member = next((i for i, part in enumerate(loc) if _is_member(part)), None)
+        if member is None:
+            return None
+        prefixes.add(loc[:member])
+    return _loc_to_field(prefixes.pop()) if len(prefixes) == 1 else None
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
-    errors = exc.errors()
+    errors = list(exc.errors())
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-    field = _loc_to_field(tuple(first.get("loc", ())))
     kind = first.get("type")
+    field = _loc_to_field(tuple(first.get("loc", ())), user_key=kind == "extra_forbidden")
+    union = _union_field(errors) if len(errors) > 1 else None
+    if union is not None:
+        allowed = "; or ".join(dict.fromkeys(str(e.get("msg", "")) for e in errors))
+        return APIError(422, f"`{union}`: {allowed}", "validation", union)
     if kind == "extra_forbidden":
         message = f"unknown field `{field}`"
     elif kind == "json_invalid":
@@ -134,6 +166,22 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error(s))"
     return APIError(422, message, "validation", field)
+
+
+def body_parse_error(exc: StarletteHTTPException) -> APIError | None:
+    """FastAPI answers a bare 400 when the body cannot be decoded at all (bytes that are not
+    UTF-8, JSON nested past the parser's recursion limit); like any malformed body that is a
+    422 naming `body`, with the reason."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        reason = f"it is not valid UTF-8 (byte {cause.start})"
+    elif isinstance(cause, RecursionError):
+        reason = "it is nested too deeply"
+    else:
+        reason = type(cause).__name__
+    return APIError(422, f"the request body is not valid JSON: {reason}", "validation", "body")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -155,6 +203,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        unparsable = body_parse_error(exc)
+        if unparsable is not None:
+            return error_response(unparsable, request.url.path)
         err = APIError(
             exc.status_code,
             str(exc.detail),

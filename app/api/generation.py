@@ -18,8 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.api.errors import APIError, param_error
-from app.api.option_table import IGNORED, NOT_YET, OPTION_TABLE, SERVED, OptionSpec
+from app.api.option_table import (
+    IGNORED,
+    NEEDS_DRAFT_MODEL,
+    NO_DRAFT,
+    NOT_YET,
+    OPTION_TABLE,
+    SERVED,
+    OptionSpec,
+)
 from app.engine.async_engine import EngineNotRunningError, EngineQueueFullError
+from app.engine.class_b.options import ClassBParams, resolve_class_b
+from app.engine.class_b.runner import generate_class_b
 from app.engine.engine import RequestOutput, SequenceOutput
 from app.engine.request import FinishReason
 from app.engine.sampling_params import (
@@ -85,6 +95,7 @@ class OptionSplit:
     engine: dict[str, Any]  # for resolve_sampling_params (negative_prompt still as text)
     ignored: list[str]  # accepted, no effect on output (classes D, use_cache, prompt lookup)
     exact: list[str]  # diagnostic outputs asked for: the exact lane (class C)
+    class_b: dict[str, Any] = field(default_factory=dict)  # class-B methods' options
 
 
 def _is_neutral(value: Any, spec: OptionSpec) -> bool:
@@ -93,14 +104,14 @@ def _is_neutral(value: Any, spec: OptionSpec) -> bool:
     )
 
 
-def _refusal(spec: OptionSpec) -> str:
+def _refusal(spec: OptionSpec, reason: str | None = None) -> str:
     hint = f" (or set it to {spec.neutral[0]!r})" if spec.neutral else ""
     if spec.status == NOT_YET:
         return f"`{spec.name}` is not supported yet ({spec.note}); omit it{hint}"
-    return f"`{spec.name}`: {spec.note}; omit it{hint}"
+    return f"`{spec.name}`: {reason or spec.note}; omit it{hint}"
 
 
-def split_options(options: Mapping[str, Any]) -> OptionSplit:
+def split_options(options: Mapping[str, Any], draft_model: bool = False) -> OptionSplit:
     """The one place where an option's table status becomes behaviour.
 
     Served by the engine (and unknown names, which resolve_sampling_params rejects by name):
@@ -108,10 +119,14 @@ def split_options(options: Mapping[str, Any]) -> OptionSplit:
     the field and why, unless the value is null or neutral (the HF default: as omitted).
     Served by the HTTP layer: `negative_prompt` passed on (build_params tokenizes it), the
     output flags dropped (the schemas turned them into `details`). Exact-lane outputs: listed.
+    Class-B options (contrastive, group beam, DoLa, constraints): collected for resolve_class_b.
     """
     split = OptionSplit({}, [], [])
     for name, value in options.items():
         spec = OPTION_TABLE.get(name)
+        needs_draft = name in NEEDS_DRAFT_MODEL and not draft_model and value is not None
+        if needs_draft and not _is_neutral(value, spec):  # assisted decoding, no draft model
+            raise ParamValidationError(name, _refusal(spec, NO_DRAFT))
         if spec is None or (spec.status == SERVED and spec.via == "engine"):
             split.engine[name] = value
         elif value is None:
@@ -119,6 +134,8 @@ def split_options(options: Mapping[str, Any]) -> OptionSplit:
         elif spec.status == SERVED:
             if spec.via == "exact-lane" and value:
                 split.exact.append(name)
+            elif spec.via == "class-b":
+                split.class_b[name] = value
             elif name == "negative_prompt":
                 split.engine[name] = value
         elif spec.status == IGNORED:
@@ -146,13 +163,18 @@ def build_params(
     output_hidden_states (app/api/exact_lane.py); elsewhere they are a 422."""
     renames = {"inputs": "inputs", **(renames or {})}
     try:
-        split = split_options(options)
+        split = split_options(options, draft_model=state.settings.draft_model is not None)
         if split.exact and not exact_lane:
             name = split.exact[0]
             raise ParamValidationError(
                 name,
                 f"`{name}` is served by the exact lane of POST /generate, POST / and "
                 "/v1/completions without streaming only",
+            )
+        constrained = [n for n in ("grammar", "allowed_token_ids") if split.engine.get(n)]
+        if split.exact and constrained:  # the exact lane runs generate without the constraint
+            raise ParamValidationError(
+                constrained[0], f"`{constrained[0]}` is not served with `{split.exact[0]}`"
             )
         engine = split.engine
         negative = engine.pop("negative_prompt", None)
@@ -163,7 +185,7 @@ def build_params(
                 )
             engine["negative_prompt_ids"] = encode(state, negative)
             renames.setdefault("negative_prompt_ids", "negative_prompt")
-        return resolve_sampling_params(
+        params = resolve_sampling_params(
             engine,
             state.generation_defaults(),
             state.max_total_tokens,
@@ -171,6 +193,20 @@ def build_params(
             encode=lambda text: encode(state, text),
             vocab_size=int(state.loaded.config.vocab_size),
         )
+        if not split.class_b:
+            return params
+        params = resolve_class_b(
+            split.class_b,
+            params,
+            num_layers=int(state.loaded.config.n_layer),
+            vocab_size=int(state.loaded.config.vocab_size),
+            encode=lambda text: encode(state, text),
+        )
+        if split.exact and isinstance(params, ClassBParams):
+            raise ParamValidationError(
+                split.exact[0], f"`{split.exact[0]}` is not served with a class-B decoding method"
+            )
+        return params
     except ParamValidationError as exc:
         raise param_error(exc, renames) from exc
 
@@ -211,12 +247,21 @@ async def stream_request(
     texts: list[str] = []
     state.inflight += 1
     try:
-        async with aclosing(state.engine.generate(prompt_ids, params)) as outputs:
+        if isinstance(params, ClassBParams):  # one step at a time between batch steps
+            source = generate_class_b(state.engine, prompt_ids, params)
+        else:
+            source = state.engine.generate(prompt_ids, params)
+        async with aclosing(source) as outputs:
             async for out in outputs:
                 if out.error is not None:
                     reason = "error"
                     raise engine_error(out, generated > 0)
-                per_seq = max((len(s.token_ids) for s in out.outputs), default=0)
+                # Tokens per sequence this step (speculative decoding may deliver several,
+                # one SequenceOutput each).
+                counts: dict[int, int] = {}
+                for s in out.outputs:
+                    counts[s.index] = counts.get(s.index, 0) + len(s.token_ids)
+                per_seq = max(counts.values(), default=0)
                 if per_seq:
                     now = time.perf_counter()
                     if first is None:

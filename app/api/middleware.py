@@ -2,9 +2,10 @@
 disconnects pass through untouched).
 
 In order: request id (X-Request-ID, taken from the client or made up), API key check
-(401, constant-time compare), body size limit (413, before the app reads anything), then the
-app; afterwards the HTTP metrics (count by endpoint and status, latency) and one structured
-access-log line. Errors are rendered in the route's error shape (errors.py).
+(401, constant-time compare), body size limit (413, before the app reads anything), a lone
+UTF-16 surrogate in the JSON (422, body_checks.py), then the app; afterwards the HTTP
+metrics (count by endpoint and status, latency) and one structured access-log line. Errors
+are rendered in the route's error shape (errors.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.body_checks import lone_surrogate_field, surrogate_error
 from app.api.errors import APIError, error_bytes
 
 logger = logging.getLogger("kogpt.access")
 
 PUBLIC_ALWAYS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 PUBLIC_PROBES = frozenset({"/health", "/ready", "/metrics"})
+# The playground page and its assets are public static files (GET only: POST / is the API).
+PUBLIC_PAGE_PREFIX = "/playground"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -67,7 +71,7 @@ class ApiMiddleware:
             await send(message)
 
         try:
-            rejection = self._check_auth(path, headers)
+            rejection = None if _is_public_page(scope) else self._check_auth(path, headers)
             if rejection is None:
                 rejection, receive = await self._limit_body(headers, receive)
             if rejection is not None:
@@ -120,7 +124,11 @@ class ApiMiddleware:
             chunks.append(body)
             if not message.get("more_body", False):
                 break
-        replay = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        whole = b"".join(chunks)
+        field = lone_surrogate_field(whole)
+        if field is not None:  # text no tokenizer can encode: 422 for every route at once
+            return surrogate_error(field), receive
+        replay = {"type": "http.request", "body": whole, "more_body": False}
         return None, _replay([replay], receive)
 
     @staticmethod
@@ -153,6 +161,12 @@ class ApiMiddleware:
             "client": f"{client[0]}:{client[1]}" if client else None,
         }
         logger.info(json.dumps(record))
+
+
+def _is_public_page(scope: Scope) -> bool:
+    path: str = scope["path"]
+    page = path == "/" or path == PUBLIC_PAGE_PREFIX or path.startswith(PUBLIC_PAGE_PREFIX + "/")
+    return page and scope.get("method") in ("GET", "HEAD")
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

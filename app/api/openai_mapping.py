@@ -7,7 +7,8 @@ Mapping (documented in docs/api.md):
   stop_strings; logit_bias {"id": b} -> sequence_bias [[[id], b]]; logprobs k -> per-token
   logprob plus top_n_tokens k alternatives when the engine reports them; seed -> seed.
   presence_penalty / frequency_penalty have no transformers equivalent: passed to the engine
-  when it serves them, otherwise non-zero values are a 422 "not supported".
+  when it serves them, otherwise non-zero values are a 422 "not supported". response_format
+  json_object / json_schema -> grammar (docs/grammar.md); `grammar` itself is an extra field.
   Extra body fields are generate options (validated as in /generate) and win over the above.
 """
 
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 from app.api.errors import APIError
 from app.api.generation import Completion, TokenStep
 from app.api.options import GenerateOptions
-from app.api.schemas_openai import CompletionRequest, LogProbs
+from app.api.schemas_openai import CompletionRequest, LogProbs, ResponseFormat
 from app.engine import sampling_params
 from app.engine.request import FinishReason
 
@@ -97,8 +98,33 @@ def completion_options(body: CompletionRequest) -> tuple[dict[str, Any], dict[st
                     field=name,
                 )
             options[name] = value
-    options.update(extra_options(body))
+    extras = extra_options(body)
+    grammar = response_format_grammar(body.response_format)
+    if grammar is not None:
+        if "grammar" in extras:
+            raise APIError(
+                422, "give `response_format` or `grammar`, not both", field="response_format"
+            )
+        options["grammar"] = grammar
+        renames["grammar"] = "response_format"
+    options.update(extras)
+    for name in extras:  # an option sent under its own name is named so in errors
+        renames.pop(name, None)
     return options, renames, n
+
+
+def response_format_grammar(fmt: ResponseFormat | None) -> dict[str, Any] | None:
+    """OpenAI's response_format as a grammar option (None for text or when absent)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    if fmt.json_schema is None:
+        raise APIError(
+            422, '`response_format` of type "json_schema" needs `json_schema.schema`',
+            field="response_format",
+        )  # fmt: skip
+    return {"type": "json_schema", "value": {"schema": fmt.json_schema.schema_}}
 
 
 def logit_bias(bias: dict[str, float]) -> list[list[Any]]:

@@ -23,9 +23,11 @@ CLASSES = ("A", "B", "C", "D", "E", "F", "API")
 GENERATION_CONFIG_CLASSES = frozenset("ABCDE")  # F and API fields are not GenerationConfig's
 
 NOT_APPLICABLE = "not applicable to a decoder-only GPT-2 (it needs an encoder-decoder model)"
-NO_DRAFT = (
-    "no draft model configured: assisted decoding needs one, and this server has no "
-    "--draft-model option yet"
+NO_DRAFT = "no draft model configured: assisted decoding needs one (start the server with " \
+    "--draft-model)"  # fmt: skip
+LOSSY = (
+    "refused: ensemble verification changes the output, and speculative decoding here is "
+    "lossless (identical to plain decoding); without --draft-model: no draft model configured"
 )
 
 
@@ -38,7 +40,7 @@ class OptionSpec:
     default: str
     status: str
     tests: tuple[str, ...]
-    via: str = "engine"  # served: "engine", "api" (HTTP layer) or "exact-lane"; else "-"
+    via: str = "engine"  # served: "engine", "api" (HTTP layer), "exact-lane", "class-b"; else "-"
     example: dict[str, Any] | None = None  # served via the engine: options resolve accepts
     neutral: tuple[Any, ...] = ()  # rejected / not-yet: values accepted as "omitted"
     note: str = ""
@@ -72,6 +74,21 @@ OC_EXACT = (
     _OC + "test_exact_lane_cap_and_streaming_422",
 )
 OT_SPLIT = "tests/unit/test_option_table.py::test_split_options_by_class"
+_GH = "tests/integration/test_grammar_http.py::"
+G_ENGINE = "tests/unit/test_grammar_engine.py::test_constrained_request_alone_and_in_a_busy_batch"
+G_INVALID = (
+    "tests/unit/test_grammar.py::test_invalid_grammars_name_the_field_with_the_library_message"
+)
+WM_DETECT = "tests/integration/test_watermark_detect.py::test_watermarked_text_is_detected"
+_SPEC = "tests/conformance/test_speculative_conformance.py::"
+SPEC_SAME, SPEC_FEWER = (
+    _SPEC + "test_prompt_lookup_output_equals_generate",
+    _SPEC + "test_drafts_are_accepted_and_save_steps",
+)
+SPEC_NGRAM = _SPEC + "test_ngram_size_and_draft_length_change_only_the_speed"
+SPEC_DRAFT = (
+    "tests/conformance/test_draft_model_conformance.py::test_draft_model_output_equals_plain"
+)
 
 
 def _o(name: str, cls: str, type_: str, range_: str, default: str, status: str,
@@ -96,8 +113,6 @@ def _d(name: str, type_: str, flag: str) -> OptionSpec:
 # neutral value is HF's default; the others default to null.
 _HF_DEFAULTED = frozenset(
     [
-        "num_beam_groups",
-        "diversity_penalty",
         "encoder_repetition_penalty",
         "encoder_no_repeat_ngram_size",
         "num_assistant_tokens",
@@ -115,10 +130,28 @@ def _e(name: str, type_: str, neutral: tuple[Any, ...], reason: str) -> OptionSp
               neutral=neutral, note=reason)  # fmt: skip
 
 
-def _b(name: str, type_: str, neutral: tuple[Any, ...], what: str) -> OptionSpec:
+_CB = "tests/unit/test_class_b_"
+CB_REF = _CB + "reference.py::test_same_tokens_as_transformers_4"
+CB_VALID = _CB + "options.py::test_invalid_values_name_field_and_range"
+CB_HTTP = "tests/integration/test_class_b_http.py::test_each_method_over_generate_and_completions"
+
+
+def _b(name: str, type_: str, range_: str, default: str, tests: tuple[str, ...],
+       what: str) -> OptionSpec:  # fmt: skip
+    """A class-B option: served natively, one request at a time between batch steps."""
+    return _o(name, "B", type_, range_, default, SERVED, (CB_REF, *tests, CB_VALID, CB_HTTP),
+              via="class-b", note=what + " (transformers 4.x's algorithm; README: Decoding "
+              "methods beyond transformers 5)")  # fmt: skip
+
+
+def _x(name: str, type_: str, range_: str, example: Any, neutral: tuple[Any, ...],
+       note: str) -> OptionSpec:  # fmt: skip
+    """A class-E assisted-decoding option: served with --draft-model (output identical to
+    plain decoding), else refused unless neutral (split_options)."""
     default = repr(neutral[0]) if name in _HF_DEFAULTED else "null"
-    return _o(name, "B", type_, "neutral only", default, NOT_YET, (OC_B, OT_SPLIT),
-              neutral=neutral, note=what)  # fmt: skip
+    return _o(name, "E", type_, range_, default, SERVED, (SPEC_DRAFT, OC_E, OT_SPLIT),
+              example={name: example}, neutral=neutral,
+              note="needs --draft-model, else 422 (no draft model); " + note)  # fmt: skip
 
 
 SOFT = "checkpoint, else "  # the checkpoint's generation_config, else HF's global default
@@ -179,13 +212,18 @@ _ROWS: list[OptionSpec] = [
     _a("guidance_scale", "float", "finite; 1 = off; num_beams 1, one sequence", "null (off)",
        (C_EACH, C_GUIDE, OC_NEG), 1.5),
     _a("watermarking_config", "dict", "WatermarkingConfig fields", "null (off)",
-       (L_GREEDY, OC_ALIASES), {"bias": 3.0}),
+       (L_GREEDY, OC_ALIASES, WM_DETECT), {"bias": 3.0},
+       note="detect with POST /watermark/detect (transformers' WatermarkDetector)"),
     _a("token_healing", "bool", "true, false", "false", C_HEAL, True),
-    _o("prompt_lookup_num_tokens", "A", "int", ">= 1", "null", IGNORED, (OC_LOOKUP, OT_SPLIT),
-       note="speculative: output identical without it; accepted and ignored until the "
-       "prompt-lookup fast path exists"),
-    _o("max_matching_ngram_size", "A", "int", ">= 1", "null", IGNORED, (OC_LOOKUP, OT_SPLIT),
-       note="prompt lookup's n-gram size: accepted and ignored (output identical)"),
+    _a("prompt_lookup_num_tokens", "int", ">= 1", SOFT + "null (off)",
+       (SPEC_SAME, SPEC_FEWER, OC_LOOKUP), 3,
+       note="speculative: drafts from the sequence's own n-grams, verified in one forward; "
+       "output identical to the request without it (beams, n > 1 and guidance decode "
+       "plainly)"),
+    _a("max_matching_ngram_size", "int", ">= 1", SOFT + "null (2)",
+       (SPEC_NGRAM, "tests/unit/test_ngram_proposer.py::test_matches_transformers"),
+       {"max_matching_ngram_size": 3, "prompt_lookup_num_tokens": 3},
+       note="prompt lookup's longest n-gram; no effect on output"),
     # -- A: outputs (mapped to `details`) ------------------------------------------------
     *(
         _o(name, "A", "bool", "true, false", "false", SERVED, (OC_SCORES, OT_SPLIT), via="api",
@@ -194,12 +232,26 @@ _ROWS: list[OptionSpec] = [
         for name in ("output_scores", "output_logits", "return_dict_in_generate")
     ),
     # -- B: removed from transformers 5 core -------------------------------------------
-    _b("num_beam_groups", "int", (1,), "group / diverse beam search"),
-    _b("diversity_penalty", "float", (0.0, 0), "diverse beam search"),
-    _b("penalty_alpha", "float", (0.0, 0), "contrastive search"),
-    _b("dola_layers", "str | list[int]", (), "DoLa decoding"),
-    _b("constraints", "list", (), "constrained beam search"),
-    _b("force_words_ids", "list", (), "constrained beam search"),
+    _b("num_beam_groups", "int", ">= 1; divides num_beams; > 1 needs diversity_penalty > 0 "
+       "and do_sample false", "1 (off)", (_CB + "group_beam.py::test_groups_differ",),
+       "group (diverse) beam search"),
+    _b("diversity_penalty", "float", "> 0 with num_beam_groups > 1; 0 = off", "0.0 (off)",
+       (_CB + "group_beam.py::test_penalty_subtracts_earlier_groups_tokens",),
+       "diverse beam search: subtracted per earlier group's pick of a token"),
+    _b("penalty_alpha", "float", "[0, 1]; > 0 needs top_k > 1, num_beams 1, do_sample false",
+       "null (off)", (_CB + "contrastive.py::test_picks_by_the_degeneration_penalty",),
+       "contrastive search (with top_k candidates)"),
+    _b("dola_layers", 'str | list[int]', '"low", "high" or layers in [0, n_layer); num_beams 1',
+       "null (off)", (_CB + "dola.py::test_contrasts_the_chosen_layers",),
+       "DoLa decoding (greedy or sampling; repetition_penalty 1.2 recommended)"),
+    _b("constraints", "list[object]", '{"type": "phrasal", "token_ids"} or {"type": '
+       '"disjunctive", "nested_token_ids"}; num_beams > 1', "null",
+       (_CB + "constrained_beam.py::test_every_forced_word_appears",),
+       "constrained beam search"),
+    _b("force_words_ids", "list[list[int]] | list[list[list[int]]]", TOKEN_IDS + "; a list of "
+       "lists = one of them; num_beams > 1", "null",
+       (_CB + "constrained_beam.py::test_every_forced_word_appears",),
+       "constrained beam search: every word appears"),
     # -- C: diagnostic outputs (the exact slow lane) -----------------------------------
     *(
         _o(name, "C", "bool", "true, false; size-capped (--exact-lane-max-floats)", "false",
@@ -225,23 +277,40 @@ _ROWS: list[OptionSpec] = [
     _e("encoder_no_repeat_ngram_size", "int", (0,), NOT_APPLICABLE),
     _e("decoder_start_token_id", "int | list[int]", (), NOT_APPLICABLE),
     _e("use_mtp", "bool", (False,), "GPT-2 has no multi-token prediction heads"),
-    _e("num_assistant_tokens", "int", (20,), NO_DRAFT),
-    _e("num_assistant_tokens_schedule", "str", ("constant",), NO_DRAFT),
-    _e("assistant_confidence_threshold", "float", (0.4,), NO_DRAFT),
-    _e("assistant_lookbehind", "int", (10,), NO_DRAFT),
-    _e("target_lookbehind", "int", (10,), NO_DRAFT),
-    _e("assistant_early_exit", "int", (), NO_DRAFT),
-    _e("assistant_ensemble_weight", "float", (), NO_DRAFT),
-    _e("is_assistant", "bool", (False,), NO_DRAFT),
-    _e("speculation_type", "str", (), NO_DRAFT),
+    _x("num_assistant_tokens", "int", ">= 1", 5, (20,), "drafts per step (the heuristic "
+       "schedules' start value)"),
+    _x("num_assistant_tokens_schedule", "str", '"constant", "heuristic", "heuristic_transient"',
+       "heuristic", ("constant",), "heuristic: 2 more drafts after a fully accepted step, "
+       "else 1 fewer (per request, so heuristic_transient is the same)"),
+    _x("assistant_confidence_threshold", "float", "[0, 1)", 0.5, (0.4,), "drafting stops "
+       "after a draft the draft model gives less probability (fixed; transformers re-tunes it)"),
+    _x("assistant_lookbehind", "int", ">= 0", 3, (10,), "no effect: the draft shares the "
+       "model's tokenizer (nothing to re-align)"),
+    _x("target_lookbehind", "int", ">= 0", 3, (10,), "no effect: the draft shares the "
+       "model's tokenizer (nothing to re-align)"),
+    _x("assistant_early_exit", "int", ">= 1", 2, (), "no effect: the --draft-model drafts, "
+       "not the model's first layers"),
+    _e("assistant_ensemble_weight", "float", (), LOSSY),
+    _x("is_assistant", "bool", "true, false", True, (False,), "no effect (transformers' "
+       "internal flag)"),
+    _x("speculation_type", "str", '"dflash"', "dflash", (), "no effect: the --draft-model "
+       "drafts (ordinary assisted decoding)"),
     # -- F: HTTP equivalents of Python-only generate() arguments ------------------------
     _o("negative_prompt_ids", "F", "list[int]", "non-empty " + TOKEN_IDS + "; needs "
        "guidance_scale != 1", "null (the prompt's last token)", SERVED, (C_GUIDE, OC_NEG),
        example={"negative_prompt_ids": [5, 6], "guidance_scale": 1.5}),
     _o("negative_prompt", "F", "str", "non-empty; not with negative_prompt_ids", "null", SERVED,
        OC_NEG, via="api", note="tokenized into negative_prompt_ids"),
-    _o("allowed_token_ids", "F", "list[int]", TOKEN_IDS, "null", NOT_YET, (OC_B, OT_SPLIT),
-       note="prefix_allowed_tokens_fn's HTTP form"),
+    _o("allowed_token_ids", "F", "list[int]", "non-empty " + TOKEN_IDS + "; num_beams 1",
+       "null", SERVED, (G_ENGINE, _GH + "test_allowed_token_ids"),
+       example={"allowed_token_ids": [1, 5, 6]},
+       note="prefix_allowed_tokens_fn's HTTP form: only these ids (eos only if listed)"),
+    _o("grammar", "F", '{"type": "json" | "json_object" | "json_schema" | "regex", "value"}',
+       "a valid JSON schema or regex; num_beams 1", "null", SERVED,
+       (G_ENGINE, _GH + "test_generate_json_and_regex", G_INVALID),
+       example={"grammar": {"type": "regex", "value": "[0-9]+"}},
+       note="grammar-constrained output (llguidance, docs/grammar.md); prefix_allowed_tokens_fn's "
+       "place in the processor order; /v1 routes: also `response_format`"),
     # -- API-only options ----------------------------------------------------------------
     _o("seed", "API", "int", "[-2**63, 2**64 - 1]", "null (the engine's generator)", SERVED,
        ("tests/integration/test_server_basics.py::test_seeded_sampling_is_reproducible", C_SEED),
@@ -251,6 +320,10 @@ _ROWS: list[OptionSpec] = [
     _o("bad_words", "API", "list[str]", "words of >= 1 token", "null", SERVED,
        _LOG + "test_bad_words_strings_are_tokenized_without_specials",
        example={"bad_words": ["국민"]}, note="tokenized into bad_words_ids"),
+    _o("force_words", "API", "list[str | list[str]]", "words of >= 1 token; a list = one of "
+       "them; num_beams > 1", "null", SERVED,
+       (_CB + "options.py::test_force_words_strings_are_tokenized", CB_HTTP), via="class-b",
+       note="tokenized into force_words_ids (constrained beam search)"),
     _o("ignore_eos", "API", "bool", "true, false (not with beams)", "false", SERVED,
        (_STOP + "test_ignore_eos_and_no_eos", _TGI + "test_stream_text_is_utf8_safe"),
        example={"ignore_eos": True}, note="generate(eos_token_id=None)"),
@@ -270,12 +343,15 @@ _ROWS: list[OptionSpec] = [
        note="watermarking_config = transformers' default WatermarkingConfig"),
     _o("frequency_penalty", "API", "float", "0 only", "null", NOT_YET, OC_B, neutral=(0, 0.0),
        note="no transformers equivalent; use repetition_penalty"),
-    _o("grammar", "API", '{"type": "json" | "regex", "value"}', "-", "null", NOT_YET, OC_B,
-       note="grammar-constrained output"),
     _o("adapter_id", "API", "str", "-", "null", REJECTED, OC_B, note="no LoRA adapters are served"),
 ]  # fmt: skip
 
 OPTION_TABLE: dict[str, OptionSpec] = {row.name: row for row in _ROWS}
+# Served only when the server has a draft model (--draft-model); split_options refuses them
+# otherwise.
+NEEDS_DRAFT_MODEL = frozenset(
+    n for n, r in OPTION_TABLE.items() if r.cls == "E" and r.status == SERVED
+)
 EXACT_LANE_OPTIONS = tuple(n for n, r in OPTION_TABLE.items() if r.via == "exact-lane")
 DETAILS_OPTIONS = ("output_scores", "output_logits", "return_dict_in_generate")
 
@@ -287,7 +363,8 @@ def markdown() -> str:
         "",
         "Generated from `app/api/option_table.py` by "
         "`python -m app.api.option_table --markdown > docs/options.md`; do not edit by hand.",
-        "Classes as in the generate-options contract (A in the batched engine, B not yet, "
+        "Classes as in the generate-options contract (A in the batched engine, B served one "
+        "request at a time between batch steps, "
         "C exact slow lane, D engine-owned, E not applicable, F HTTP forms of Python-only "
         "arguments, API the server's own). Status: served, accepted-ignored (no effect on "
         "output), rejected-422, not-yet (422 until served). Rejected and not-yet options "

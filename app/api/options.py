@@ -23,11 +23,36 @@ def _f(description: str, **kwargs: Any) -> Any:
     return Field(default=None, description=description, **kwargs)
 
 
+class Grammar(BaseModel):
+    """TGI's grammar object (app/engine/grammar_options.py validates the value)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {"type": "json", "value": {"properties": {"이름": {"type": "string"}}}},
+                {"type": "regex", "value": "(서울|부산)시 [가-힣]{2,4}구"},
+            ]
+        },
+    )
+
+    type: Literal["json", "json_object", "json_schema", "regex"] = Field(
+        description='"json" (alias "json_object"): value is a JSON schema (object or JSON '
+        'text); "json_schema": value is {"name", "schema"}; "regex": the output matches it.'
+    )
+    value: str | dict[str, Any] | None = Field(
+        default=None, description='The schema or regex (may be omitted for "json_object").'
+    )
+
+
 class GenerateOptions(BaseModel):
     """The generate options shared by /generate, /generate_stream, /few-shot and the OpenAI
     routes' extra fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON string is never a number or a boolean ("1", "true": 422, as in TGI and
+    # OpenAI), so the schema /docs shows is exactly the one enforced.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # -- length and stopping ---------------------------------------------------------------
     max_new_tokens: int | None = _f("New tokens to generate (default: the checkpoint's).", ge=1)
@@ -77,14 +102,19 @@ class GenerateOptions(BaseModel):
     watermarking_config: dict[str, Any] | None = _f("transformers WatermarkingConfig fields.")
     token_healing: bool | None = _f("Heal the prompt's last token boundary.")
     allowed_token_ids: list[int] | None = _f(
-        "Only these token ids may be generated (not supported yet: 422)."
+        "Only these token ids may be generated (prefix_allowed_tokens_fn; eos only if listed)."
+    )
+    grammar: Grammar | None = _f(
+        "Constrained output: a JSON schema or a regex the output must match (docs/grammar.md)."
     )
     # -- speculative (same output, only faster) ----------------------------------------------
     prompt_lookup_num_tokens: int | None = _f(
-        "Accepted; output identical without it (speculative).", ge=1
+        "Prompt lookup: draft this many tokens from the text's own n-grams and verify them "
+        "in one forward (faster on repetitive text; output identical).",
+        ge=1,
     )
     max_matching_ngram_size: int | None = _f(
-        "Accepted; prompt-lookup n-gram size (no effect on output).", ge=1
+        "Prompt lookup: the longest n-gram matched (default 2; no effect on output).", ge=1
     )
     # -- outputs -----------------------------------------------------------------------------
     output_scores: bool | None = _f("true = `details: true` (per-token logprobs).")
@@ -92,13 +122,21 @@ class GenerateOptions(BaseModel):
     return_dict_in_generate: bool | None = _f("true = `details: true` (the response is a dict).")
     output_attentions: bool | None = _f("Return attentions (exact slow lane, size-capped).")
     output_hidden_states: bool | None = _f("Return hidden states (exact slow lane, size-capped).")
-    # -- removed from transformers 5 core: 422 "not supported yet" unless neutral ------------
-    num_beam_groups: int | None = _f("Diverse beam search groups.", ge=1)
-    diversity_penalty: float | None = _f("Diverse beam search penalty.")
-    penalty_alpha: float | None = _f("Contrastive search degeneration penalty.")
-    dola_layers: str | list[int] | None = _f('DoLa layers: "low", "high" or indices.')
-    constraints: list[Any] | None = _f("Constrained beam search constraints.")
-    force_words_ids: list[Any] | None = _f("Constrained beam search: words that must appear.")
+    # -- removed from transformers 5 core, served natively (app/engine/class_b) --------------
+    num_beam_groups: int | None = _f("Group (diverse) beam search: groups of beams.", ge=1)
+    diversity_penalty: float | None = _f("Group beam search: penalty per earlier group's token.")
+    penalty_alpha: float | None = _f("Contrastive search degeneration penalty, in [0, 1].")
+    dola_layers: str | list[int] | None = _f('DoLa layers: "low", "high" or layer indices.')
+    constraints: list[Any] | None = _f(
+        'Constrained beam search: {"type": "phrasal", "token_ids": [...]} or '
+        '{"type": "disjunctive", "nested_token_ids": [[...], ...]} items.'
+    )
+    force_words_ids: list[Any] | None = _f(
+        "Constrained beam search: token ids of words that must appear (a list of lists: one of)."
+    )
+    force_words: list[str | list[str]] | None = _f(
+        "Words that must appear (tokenized server-side; a list of strings: one of them)."
+    )
     # -- engine-owned (no effect on output) --------------------------------------------------
     cache_implementation: str | None = _f("Accepted; the server's paged KV cache is used.")
     cache_config: dict[str, Any] | None = _f("Accepted; see the server's KV cache flags.")

@@ -21,6 +21,7 @@ from app.api.generation import (
 from app.api.routes_generate import ERRORS, Prepared, build_response, context, tgi_events
 from app.api.schemas_fewshot import (
     FEW_SHOT_EXAMPLE,
+    FewShotRenderResponse,
     FewShotRequest,
     FewShotResponse,
     FewShotStreamEvent,
@@ -74,6 +75,13 @@ def default_stops(t: FewShotTemplate) -> list[str]:
     return stops
 
 
+def stop_strings(options: dict[str, Any], t: FewShotTemplate) -> list[str]:
+    """The request's own stop strings, then the template's."""
+    given = options.get("stop_strings") or []
+    given = [given] if isinstance(given, str) else list(given)
+    return given + [s for s in default_stops(t) if s not in given]
+
+
 def prepare(state: ServerState, body: FewShotRequest) -> Prepared:
     prompt = render_prompt(body.task, body.examples, body.query, body.template)
     ids = encode(state, prompt)
@@ -81,11 +89,8 @@ def prepare(state: ServerState, body: FewShotRequest) -> Prepared:
     options, renames = body.parameters.generate_options()
     if "max_new_tokens" not in options and "max_length" not in options:
         options["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
-    stops = default_stops(body.template)
-    if stops:
-        given = options.get("stop_strings") or []
-        given = [given] if isinstance(given, str) else list(given)
-        options["stop_strings"] = given + [s for s in stops if s not in given]
+    if default_stops(body.template):
+        options["stop_strings"] = stop_strings(options, body.template)
     params = build_params(state, options, len(ids), {"inputs": "prompt", **renames})
     admit(state)
     return Prepared(ids, prompt, params, body.parameters)
@@ -133,6 +138,28 @@ async def few_shot(
         finish_reason=finish_name(completion.finish_reason),
         num_examples=len(body.examples),
         details=best.details,
+    )
+
+
+@router.post(
+    "/few-shot/render",
+    response_model=FewShotRenderResponse,
+    responses=ERRORS,
+    summary="Render a few-shot prompt without generating",
+)
+async def few_shot_render(
+    body: FewShotRequest = Body(openapi_examples=EXAMPLES),
+    state: ServerState = Depends(get_state),
+) -> FewShotRenderResponse:
+    """The prompt, its token count and the stop strings that POST /few-shot would use for the
+    same body (a prompt too long is the same 422). Nothing is generated: `stream` is ignored,
+    and of `parameters` only the stop strings are used (the rest is not checked here)."""
+    prompt = render_prompt(body.task, body.examples, body.query, body.template)
+    ids = encode(state, prompt)
+    check_prompt_ids(state, ids, "prompt")
+    options, _ = body.parameters.generate_options()
+    return FewShotRenderResponse(
+        prompt=prompt, prompt_tokens=len(ids), stop_strings=stop_strings(options, body.template)
     )
 
 

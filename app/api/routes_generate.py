@@ -58,7 +58,17 @@ STREAM_DOC: dict[int | str, dict[str, Any]] = {
         "carries `generated_text` and `details` (finish reason, token counts, seed). "
         "An error after the stream started is a final `data:` event in the error shape.",
     },
-    **ERRORS,
+    # Errors found before the stream starts are JSON (without an explicit content, FastAPI
+    # would document them in the route's text/event-stream media type).
+    **{
+        code: {
+            "description": "Error (JSON).",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+            },
+        }
+        for code in ERRORS
+    },
 }
 
 EXAMPLES = {
@@ -202,8 +212,9 @@ async def tgi_events(
     final_text: Callable[[str], str] | None = None,
     final_extra: dict[str, Any] | None = None,
 ) -> AsyncIterator[bytes]:
-    """TGI stream events; each token event is held until the next, so the last one can
-    carry generated_text and details."""
+    """TGI stream events, each sent as soon as its token exists; the engine marks the step
+    that finishes a sequence, so the token event of that step carries generated_text and
+    details (TGI's last event)."""
     special = special_ids(state)
     decode = decoder(state)
     want_top = getattr(prep.params, "top_n_tokens", 0) > 0
@@ -232,6 +243,9 @@ async def tgi_events(
                     }
                 if seq.finish_reason is not None:
                     reason = seq.finish_reason
+            if reason is None and pending is not None:  # not the last token: send it now
+                yield sse_event(pending)
+                pending = None
     if pending is None:
         raise APIError(500, "generation ended without a token", "generation")
     prefix = prep.prompt_text if prep.parameters.return_full_text else ""

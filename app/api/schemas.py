@@ -15,11 +15,6 @@ from app.api.options import GenerateOptions
 DETAILS_FLAGS = (*DETAILS_OPTIONS, *EXACT_LANE_OPTIONS)
 
 
-class Grammar(BaseModel):
-    type: Literal["json", "regex"]
-    value: str | dict[str, Any]
-
-
 class GenerateParameters(GenerateOptions):
     """Generate options: every `model.generate` option plus TGI's own parameters.
 
@@ -56,9 +51,6 @@ class GenerateParameters(GenerateOptions):
     frequency_penalty: float | None = Field(
         default=None, description="OpenAI-style frequency penalty (422 unless served)."
     )
-    grammar: Grammar | None = Field(
-        default=None, description="Constrained output (422 unless served)."
-    )
     adapter_id: str | None = Field(default=None, description="LoRA adapter: not served (422).")
 
     @model_validator(mode="after")
@@ -81,7 +73,6 @@ class GenerateParameters(GenerateOptions):
             "truncate",
             "watermark",
             "frequency_penalty",
-            "grammar",
             "adapter_id",
         }
         data = self.engine_options(exclude=api_only)
@@ -99,14 +90,13 @@ class GenerateParameters(GenerateOptions):
             data["adapter_id"] = self.adapter_id
         if self.frequency_penalty is not None and self.frequency_penalty != 0:
             data["frequency_penalty"] = self.frequency_penalty
-        if self.grammar is not None:
-            data["grammar"] = self.grammar.model_dump()
         return data, renames
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"inputs": "대한민국은", "parameters": {"max_new_tokens": 20}},
@@ -258,6 +248,12 @@ class KVCacheInfo(BaseModel):
     num_blocks: int
     block_size: int
     prefix_caching: bool
+    sizing: dict[str, Any] | None = Field(
+        default=None,
+        description="How the pool was sized: source (num_kv_blocks, kv_cache_memory_gb, "
+        "gpu_memory_utilization, cpu_default), bytes per block, KV GiB and, on CUDA, the "
+        "profiled weights / activation peak / memory outside torch in bytes.",
+    )
 
 
 class InfoResponse(BaseModel):
@@ -291,6 +287,7 @@ class InfoResponse(BaseModel):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"inputs": "대한민국은 민주공화국이다."}]},
     )
 
@@ -318,7 +315,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"ids": [9349, 10034, 7235]}]}
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"ids": [9349, 10034, 7235]}]}
     )
 
     ids: list[int] = Field(description="Token ids.")

@@ -18,7 +18,7 @@ FEW_SHOT_EXAMPLE = {
 
 
 class FewShotExample(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     input: str = Field(description="Example input.")
     output: str = Field(description="The answer the model should imitate.")
@@ -36,7 +36,7 @@ class FewShotTemplate(BaseModel):
     to the next word, so the model writes " 긍정" after "출력:"); the answer is stripped.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     input_prefix: str = Field(default="입력: ", description="Before each input.")
     output_prefix: str = Field(default="출력: ", description="Before each output.")
@@ -49,7 +49,9 @@ class FewShotTemplate(BaseModel):
 
 
 class FewShotRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [FEW_SHOT_EXAMPLE]})
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [FEW_SHOT_EXAMPLE]}
+    )
 
     task: str = Field(default="", description="Instruction put before the examples (optional).")
     examples: list[FewShotExample] = Field(
@@ -96,3 +98,23 @@ class FewShotStreamEvent(StreamResponse):
 
     prompt: str | None = None
     prompt_tokens: int | None = None
+
+
+class FewShotRenderResponse(BaseModel):
+    """What POST /few-shot/render returns: exactly what POST /few-shot would build."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "다음 문장의 감정을 긍정 또는 부정으로 분류하세요.\n\n입력: ...",
+                    "prompt_tokens": 57,
+                    "stop_strings": ["\n\n", "입력:"],
+                }
+            ]
+        }
+    )
+
+    prompt: str = Field(description="The rendered prompt.")
+    prompt_tokens: int = Field(description="Its token count.")
+    stop_strings: list[str] = Field(description="The stop strings the generation would use.")

@@ -27,15 +27,40 @@ COMPLETION_EXAMPLES = [
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = Field(
         default=False, description="Send a last chunk with `usage` and no choices."
     )
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str | None = Field(default=None, description="The schema's name (not used).")
+    description: str | None = Field(default=None, description="Not used.")
+    schema_: dict[str, Any] | bool = Field(
+        alias="schema", description="The JSON schema the output must match."
+    )
+    strict: bool | None = Field(default=None, description="Always enforced here.")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format, served as a grammar (docs/grammar.md)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description='"text": unconstrained; "json_object": any JSON object; "json_schema": '
+        "the output matches `json_schema.schema`."
+    )
+    json_schema: JsonSchemaFormat | None = None
+
+
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": COMPLETION_EXAMPLES})
+    model_config = ConfigDict(
+        extra="allow", strict=True, json_schema_extra={"examples": COMPLETION_EXAMPLES}
+    )
 
     model: str | None = Field(default=None, description="The served model name (GET /v1/models).")
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
@@ -71,6 +96,9 @@ class CompletionRequest(BaseModel):
     )
     seed: int | None = Field(default=None, description="Reproducible sampling.")
     user: str | None = Field(default=None, description="End-user id (logged, not used).")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="JSON output: json_object or json_schema (a grammar)."
+    )
 
     @property
     def extra_options(self) -> dict[str, Any]:

@@ -46,6 +46,23 @@ def sse_event(payload: Any) -> bytes:
     return b"data: " + text.encode() + b"\n\n"
 
 
+def sse_event_schema(event_ref: str, error_ref: str, *, done: bool) -> dict[str, Any]:
+    """OpenAPI schema of one server-sent event (as OpenAPI before 3.2 reads a text/event-stream
+    schema): `data` is a JSON string holding an event or a final error event, or (OpenAI
+    streams, `done`) the literal `[DONE]`. Validators that know contentSchema check the JSON."""
+    payload = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [{"$ref": event_ref}, {"$ref": error_ref}]},
+    }
+    data = {"anyOf": [{"const": "[DONE]"}, payload]} if done else payload
+    return {
+        "type": "object",
+        "properties": {"data": data, "event": {"type": "string"}},
+        "required": ["data"],
+    }
+
+
 def shutdown_error() -> APIError:
     return APIError(
         503,

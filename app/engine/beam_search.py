@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StopStringCriteria
 from transformers.generation.utils import GenerationMixin
 
 
@@ -43,9 +44,19 @@ def prepare_generation(
 
     ids = torch.tensor([list(prompt_ids)], device=model.device)
     extra = {"tokenizer": tokenizer} if tokenizer is not None else {}
-    return model.generate(  # type: ignore[no-any-return]
+    # generate drops `tokenizer` when custom_generate is a callable, and then refuses stop
+    # strings; their criterion is added here exactly as generate's _get_stopping_criteria does.
+    stop_strings = options.get("stop_strings")
+    if stop_strings and tokenizer is not None:
+        options = {**options, "stop_strings": None}
+    prepared: PreparedGeneration = model.generate(
         ids, attention_mask=torch.ones_like(ids), custom_generate=capture, **extra, **options
     )
+    if stop_strings and tokenizer is not None:
+        criterion = StopStringCriteria(stop_strings=stop_strings, tokenizer=tokenizer)
+        prepared.stopping_criteria.append(criterion)
+        prepared.generation_config.stop_strings = stop_strings
+    return prepared
 
 
 @dataclass

@@ -18,6 +18,8 @@ import torch
 
 from app.engine.beam_search import BeamSearch, prepare_generation
 from app.engine.detokenizer import IncrementalDetokenizer
+from app.engine.draft_model import DraftModel
+from app.engine.grammar import ConstraintFactory
 from app.engine.group_sampling import Pick, sample_groups
 from app.engine.kv_cache_manager import KVCacheManager
 from app.engine.model_runner import ModelRunner
@@ -25,6 +27,7 @@ from app.engine.request import FinishReason, Request, Sequence
 from app.engine.sampler import Sampler, make_generator
 from app.engine.sampling_params import SamplingParams
 from app.engine.scheduler import Scheduler, SchedulerConfig
+from app.engine.spec_decode import SpecDecoder, first_logits_rows
 from app.engine.stop import StopChecker, StopStringTextFilter, token_bytes_table
 
 logger = logging.getLogger("kogpt.engine")
@@ -83,7 +86,13 @@ class _RequestState:
 
 
 class LLMEngine:
-    def __init__(self, hf_model: torch.nn.Module, tokenizer: Any, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        hf_model: torch.nn.Module,
+        tokenizer: Any,
+        config: EngineConfig,
+        draft_model: torch.nn.Module | None = None,
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.runner = ModelRunner(hf_model, config.num_blocks, config.block_size)
@@ -92,7 +101,12 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv
         )
         self.sampler = Sampler(torch.Generator(device=self.runner.device).manual_seed(config.seed))
+        self.spec = SpecDecoder()  # speculative decoding: drafts and their verification
+        self.draft = None  # a smaller GPT-2 drafting tokens (--draft-model), see draft_model.py
+        if draft_model is not None:
+            self.draft = DraftModel(draft_model, hf_model, config.num_blocks, config.block_size)
         self._token_bytes: list[bytes] | None = None
+        self.constraints = ConstraintFactory(tokenizer, int(hf_model.config.vocab_size))
         self._states: dict[str, _RequestState] = {}
         self.num_steps = 0
         self.last_batch_size = 0
@@ -141,8 +155,8 @@ class LLMEngine:
                 self.runner.hf_model, prompt_token_ids, params.generate_kwargs, self.tokenizer
             )
             beam = BeamSearch(prepared, prompt_token_ids, generator)
+        self._init_sequence(seq, params)  # first: a grammar that fails to build admits nothing
         self.scheduler.add_request(request)  # raises SchedulerCapacityError if it can never fit
-        self._init_sequence(seq, params)
         deadline = None if params.max_time is None else time.monotonic() + params.max_time
         self._states[request_id] = _RequestState(
             request, params, stop, generator, beam, deadline=deadline
@@ -161,6 +175,7 @@ class LLMEngine:
     def _init_sequence(self, seq: Sequence, params: SamplingParams) -> None:
         seq.data["detok"] = IncrementalDetokenizer(self.tokenizer, seq.token_ids[: seq.prompt_len])
         seq.data["filter"] = StopStringTextFilter(params.stop_strings)
+        seq.data["constraint"] = self.constraints.make(params)  # grammar: a fresh matcher each
 
     def abort_request(self, request_id: str) -> bool:
         self._states.pop(request_id, None)
@@ -181,15 +196,18 @@ class LLMEngine:
         sampling = [item for item in sched.seqs if item.sample]
         try:
             logits = self.runner.execute(sched)
+            if self.draft is not None:
+                self.draft.mirror(sched)  # the draft's KV follows the target's, slot for slot
         except Exception as err:  # a broken forward fails the requests in it, not the engine
             logger.exception("forward failed")
             return self._fail({item.request_id: err for item in sched.seqs})
         self.scheduler.update_from_output(sched)
         outputs: dict[str, RequestOutput] = {}
         failed: dict[str, Exception] = {}
-        # Rows of `logits` per request, in the order of the request's sequences.
+        # Rows of `logits` per request, in the order of the request's sequences (an item
+        # with drafts has more rows: this is its first, the rest are verified below).
         groups: dict[str, dict[int, int]] = {}
-        for row, item in enumerate(sampling):
+        for row, item in zip(first_logits_rows(sampling), sampling, strict=True):
             groups.setdefault(item.request_id, {})[item.seq_id] = row
         plain: list[tuple[_RequestState, dict[int, int]]] = []
         for request_id, rows in groups.items():
@@ -212,6 +230,8 @@ class LLMEngine:
             except Exception as err:
                 logger.exception("request %s failed", state.request.request_id)
                 failed[state.request.request_id] = err
+        self.spec.verify(self, sampling, logits, outputs, failed)
+        self.spec.propose(self, sampling)
         return list(outputs.values()) + (self._fail(failed) if failed else [])
 
     def _advance(
@@ -230,6 +250,9 @@ class LLMEngine:
             if companion.data.get("companion"):
                 companion.token_ids.append(token)
         reason = state.stop.check(seq.token_ids)
+        constraint = seq.data.get("constraint")
+        if constraint is not None:  # feeds the grammar; eos when it is complete
+            reason = constraint.advance(token, reason)
         if reason is None and state.deadline is not None and time.monotonic() > state.deadline:
             reason = FinishReason.LENGTH  # MaxTimeCriteria: generate stops, no other reason
         detok: IncrementalDetokenizer = seq.data["detok"]
@@ -362,5 +385,7 @@ class LLMEngine:
             "prefix_hits": self.kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_steps": self.num_steps,
+            "spec_draft_tokens": self.spec.num_draft_tokens,
+            "spec_accepted_tokens": self.spec.num_accepted_tokens,
             "last_batch_size": self.last_batch_size,
         }

@@ -47,6 +47,8 @@ def sampling_rows(
             continue
         seqs.append(seq)
         row = SamplingRow.from_params(params, seq.token_ids, seq.prompt_len, state.generator)
+        if not seq.is_finished:  # a finished sibling's dummy row draws unconstrained
+            row.constraint = seq.data.get("constraint")
         if companion is not None:
             row.guidance_scale = params.guidance_scale
             row.uncond_logits = logits[rows[companion.seq_id]]

@@ -154,6 +154,19 @@ class KVCacheManager:
         self._tables[child_id] = list(table)
         self._hashes[child_id] = list(self._hashes[parent_id])
 
+    def trim(self, seq_id: int, num_tokens: int) -> None:
+        """Free the table's blocks beyond the first `num_tokens` slots (rejected speculative
+        tokens' tail). Those blocks were never hashed: only fully computed blocks are."""
+        table = self._tables.get(seq_id)
+        keep = self.blocks_for_tokens(num_tokens)
+        if table is None or len(table) <= keep:
+            return
+        if len(self._hashes[seq_id]) > keep:
+            raise ValueError(f"sequence {seq_id}: cannot trim cached blocks")
+        tail = table[keep:]
+        del table[keep:]
+        self.pool.free(reversed(tail))
+
     def free(self, seq_id: int) -> None:
         """Release a sequence's blocks; tail blocks first so shared prefixes stay cached longest."""
         table = self._tables.pop(seq_id, None)

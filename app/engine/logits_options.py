@@ -161,8 +161,11 @@ def _watermark(value: Any) -> dict[str, Any]:
             f"`{name}.seeding_scheme` must be 'lefthash' or 'selfhash', got "
             f"{cfg['seeding_scheme']!r}",
         )
-    if not is_int(cfg["hashing_key"]):
-        raise ParamValidationError(name, f"`{name}.hashing_key` must be an integer")
+    if not is_int(cfg["hashing_key"]) or not -(2**63) <= cfg["hashing_key"] <= 2**64 - 1:
+        # transformers hands it to torch as a 64-bit seed: wider values overflow there.
+        raise ParamValidationError(
+            name, f"`{name}.hashing_key` must be an integer in [-2**63, 2**64 - 1]"
+        )
     return {
         "greenlist_ratio": ratio,
         "bias": finite(name, cfg["bias"]),

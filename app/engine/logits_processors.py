@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from transformers.generation import WatermarkingConfig
 
+from app.engine.grammar_mask import apply_constraints
+
 if TYPE_CHECKING:
     from app.engine.sampler import SamplingRow
     from app.engine.sampling_params import SamplingParams
@@ -283,6 +285,7 @@ def apply_processors(
         _no_repeat_ngram(scores, extra, touched)
         _bad_words(scores, extra, touched)
     _min_length(scores, rows, touched)
+    apply_constraints(scores, rows, touched)  # prefix_allowed_tokens_fn's place in HF's order
     if not extra:
         return
     bos, eos = _forced_tokens(extra)

@@ -71,6 +71,9 @@ def _top_k(sub: torch.Tensor, ks: list[int]) -> torch.Tensor:
 
 
 def _top_p(sub: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    short = _top_p_short(sub, top_p)
+    if short is not None:
+        return short
     sorted_logits, sorted_indices = torch.sort(sub, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     # HF compares with the Python float (1 - top_p), which torch casts to float32.
@@ -78,6 +81,40 @@ def _top_p(sub: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     remove[..., -1:] = False  # min_tokens_to_keep = 1
     remove = remove.scatter(1, sorted_indices, remove)
     return sub.masked_fill(remove, _NEG_INF)
+
+
+# Lane-alignment period of the short row: a multiple of every SIMD width (8 / 16 floats).
+_ALIGN = 64
+
+
+def _top_p_short(sub: torch.Tensor, top_p: list[float]) -> torch.Tensor | None:
+    """top-p over only the finite entries (after top-k: a few dozen of V), bit-identical.
+
+    HF sorts the whole row ascending, so the -inf entries come first and add exact zeros to
+    the softmax sum and the cumsum. A row of L = m + ((V - m) % 64) entries (-inf padding, then
+    the m largest ascending) puts every finite value at the same position modulo the SIMD
+    width as the full sorted row, so the vectorized softmax sums the same terms in the same
+    lanes and order: the same bits (tests/unit/test_sampler.py compares with TopPLogitsWarper).
+    Ties among finite values would expose the unstable sort's order: those take the full path.
+    """
+    vocab = sub.shape[-1]
+    m = int((sub != _NEG_INF).sum(dim=-1).max())
+    if m == 0 or 4 * m > vocab:
+        return None
+    values, indices = torch.topk(sub, m, dim=-1)  # descending; NaN and +inf would come first
+    if bool((torch.isnan(values[:, 0]) | (values[:, 0] == float("inf"))).any()):
+        return None  # HF's full sort decides
+    values, indices = values.flip(-1), indices.flip(-1)  # ascending, as HF's sort
+    if bool(((values[:, 1:] == values[:, :-1]) & torch.isfinite(values[:, 1:])).any()):
+        return None
+    pad = (vocab - m) % _ALIGN
+    padded = torch.full((sub.shape[0], pad + m), _NEG_INF, dtype=sub.dtype, device=sub.device)
+    padded[:, pad:] = values
+    cumulative = padded.softmax(dim=-1).cumsum(dim=-1)[:, pad:]
+    remove = cumulative <= _col([1.0 - p for p in top_p], cumulative)
+    remove[..., -1:] = False  # min_tokens_to_keep = 1
+    mask = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, indices, remove)
+    return sub.masked_fill(mask, _NEG_INF)
 
 
 def _min_p(sub: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

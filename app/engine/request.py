@@ -43,6 +43,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     # Free-form per-sequence state the engine keeps (detokenizer, logprobs, beam score).
     data: dict[str, Any] = field(default_factory=dict)
+    # Speculative tokens proposed to follow token_ids; the scheduler computes them after the
+    # last token in the next decode step and the engine verifies them (spec_decode.py).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
     def from_prompt(cls, prompt_token_ids: list[int]) -> Sequence:

@@ -27,12 +27,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from app.engine.logits_processors import Extra, HFRowFallback, apply_post, apply_processors
 from app.engine.logits_warpers import apply_warpers
 from app.engine.sampling_params import SamplingParams
+from app.engine.seeded_draw import draw_seeded
+
+if TYPE_CHECKING:
+    from app.engine.grammar import TokenConstraint
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -59,6 +64,8 @@ class SamplingRow:
     # Classifier-free guidance: the companion (negative prompt) sequence's logits row.
     guidance_scale: float = 1.0
     uncond_logits: torch.Tensor | None = None
+    # grammar / allowed_token_ids: this sequence's TokenConstraint (grammar.py), or None.
+    constraint: TokenConstraint | None = None
 
     @classmethod
     def from_params(
@@ -203,8 +210,10 @@ class Sampler:
         if shared:
             idx = torch.tensor(shared, device=probs.device)
             out[idx] = torch.multinomial(probs[idx], 1, generator=self.generator).squeeze(1)
-        for j, row in enumerate(rows):
-            if row.generator is not None:
-                # Same [1, V] shape as HF's batch of one, so the generator advances identically.
-                out[j] = torch.multinomial(probs[j : j + 1], 1, generator=row.generator)[0, 0]
+        seeded = [j for j, row in enumerate(rows) if row.generator is not None]
+        if seeded:
+            # Each row draws as HF's batch of one with its own generator (seeded_draw.py).
+            idx = torch.tensor(seeded, device=probs.device)
+            generators = [rows[j].generator for j in seeded]
+            out[idx] = draw_seeded(probs[idx], generators)  # type: ignore[arg-type]
         return out

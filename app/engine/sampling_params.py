@@ -31,7 +31,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from app.engine.grammar_options import GrammarSpec, resolve_constraints
 from app.engine.logits_options import API_ONLY_INPUTS, LOGITS_DEFAULTS, resolve_logits_options
+from app.engine.spec_options import NO_EFFECT_INPUTS, resolve_speculative
 from app.engine.strategy_options import resolve_strategy
 from app.engine.validation import ParamValidationError, is_int
 from app.engine.validation import bool_ as _bool
@@ -129,6 +131,16 @@ class SamplingParams:
     watermarking_config: dict[str, Any] | None = None  # transformers.WatermarkingConfig fields
     # API-only (not an HF field): return this many top alternatives per token (0..5).
     top_n_tokens: int = 0
+    # Prompt-lookup decoding (speculative: no effect on output, see spec_decode.py).
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
+    # Draft-model speculation (used when the engine has a draft model; no effect on output).
+    num_assistant_tokens: int = 20
+    num_assistant_tokens_schedule: str = "constant"
+    assistant_confidence_threshold: float = 0.4
+    # Token constraints (prefix_allowed_tokens_fn's HTTP forms; grammar_options.py).
+    grammar: GrammarSpec | None = None
+    allowed_token_ids: list[int] | None = None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -219,7 +231,7 @@ class SamplingParams:
 
 
 FIELD_NAMES: frozenset[str] = frozenset(f.name for f in fields(SamplingParams))
-ACCEPTED_OPTIONS: frozenset[str] = FIELD_NAMES | API_ONLY_INPUTS
+ACCEPTED_OPTIONS: frozenset[str] = FIELD_NAMES | API_ONLY_INPUTS | NO_EFFECT_INPUTS
 
 
 def _token_ids(name: str, value: Any) -> int | list[int]:
@@ -382,4 +394,6 @@ def resolve_sampling_params(
         ignore_eos=ignore_eos,
         **strategy,
         **logits,
+        **resolve_speculative(pick, given),
+        **resolve_constraints(given, vocab_size, {**strategy, **logits}),
     )

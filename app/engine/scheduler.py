@@ -22,6 +22,13 @@ class ScheduledSeq:
     start_pos: int  # tokens of this sequence already in the KV cache
     block_table: list[int]
     sample: bool  # this chunk ends at the sequence's last token: its logits are needed
+    # Speculative tokens after the last token (the tail of token_ids): every token of the
+    # chunk then needs its logits, and the engine verifies the drafts (spec_decode.py).
+    draft_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def all_logits(self) -> bool:
+        return bool(self.draft_token_ids)
 
 
 @dataclass
@@ -143,8 +150,12 @@ class Scheduler:
             plan = self._plan_chunks(live, budget)
             if not any(plan):
                 continue
+            drafts = self._num_drafts(live, plan, budget)
             copies: list[tuple[int, int]] = []
-            while not self._allocate(live, plan, copies):
+            while not self._allocate(live, [plan[0] + drafts, *plan[1:]], copies):
+                if drafts:  # short of blocks: decode without speculation before preempting
+                    drafts = 0
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is request:
@@ -152,7 +163,7 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue
             out.cow_copies.extend(copies)
-            budget -= self._emit(request, live, plan, out)
+            budget -= self._emit(request, live, plan, out, drafts)
             num_seqs += len(live)
 
         # Then waiting requests in strict FCFS order while budget, seats and blocks last.
@@ -189,8 +200,43 @@ class Scheduler:
             seq = next((s for s in request.seqs if s.seq_id == item.seq_id), None)
             if seq is None or seq.is_finished:
                 continue
-            seq.num_computed_tokens = item.start_pos + len(item.token_ids)
+            # Drafts are computed but not yet accepted: accept_drafts counts the ones that are.
+            num_new = len(item.token_ids) - len(item.draft_token_ids)
+            seq.num_computed_tokens = item.start_pos + num_new
             self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+
+    def accept_drafts(self, item: ScheduledSeq, num_accepted: int) -> None:
+        """After verification (the accepted drafts and the next token are in token_ids): the
+        accepted drafts' KV is valid and counts as computed; the rejected ones' slots are
+        garbage, left beyond num_computed_tokens (so never hashed into the prefix cache, and
+        overwritten when those positions are computed), and blocks that only they used are
+        freed."""
+        request = self.requests.get(item.request_id)
+        seq = None if request is None else self._live_seq(request, item.seq_id)
+        if seq is None:
+            return  # finished (blocks already freed) or aborted
+        if not 0 <= num_accepted <= len(item.draft_token_ids):
+            raise ValueError(f"{num_accepted} accepted of {len(item.draft_token_ids)} drafts")
+        num_new = len(item.token_ids) - len(item.draft_token_ids)
+        seq.num_computed_tokens = item.start_pos + num_new + num_accepted
+        if seq.num_computed_tokens >= len(seq.token_ids):
+            raise ValueError("accepted drafts must be followed by the token chosen after them")
+        self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+        self.kv.trim(seq.seq_id, len(seq.token_ids))
+
+    def reserve_slots(self, seq: Sequence, num_tokens: int) -> list[tuple[int, int]] | None:
+        """Blocks for the running sequence's first `num_tokens` slots ahead of its next step
+        (a draft model writes its drafts' KV there first). Returns the copy-on-write pairs
+        to apply now, or None when the pool is short (then nothing changes)."""
+        new = num_tokens - seq.num_computed_tokens
+        if new < 1 or not self.kv.has_seq(seq.seq_id):
+            return None
+        return self.kv.allocate_slots(seq.seq_id, seq.num_computed_tokens, new)
+
+    @staticmethod
+    def _live_seq(request: Request, seq_id: int) -> Sequence | None:
+        seq = next((s for s in request.seqs if s.seq_id == seq_id), None)
+        return None if seq is None or seq.is_finished else seq
 
     # -- helpers -------------------------------------------------------------------------
     @staticmethod
@@ -205,6 +251,13 @@ class Scheduler:
             return remaining
         share = budget // len(live)
         return [min(r - 1, share) for r in remaining]
+
+    @staticmethod
+    def _num_drafts(live: list[Sequence], plan: list[int], budget: int) -> int:
+        """Drafts to verify after a one-sequence decode, within the token budget."""
+        if len(live) != 1 or plan[0] != 1 or live[0].num_uncomputed != 1:
+            return 0
+        return min(len(live[0].spec_token_ids), budget - 1)
 
     def _allocate(
         self,
@@ -239,11 +292,18 @@ class Scheduler:
         return True
 
     def _emit(
-        self, request: Request, live: list[Sequence], plan: list[int], out: SchedulerOutput
+        self,
+        request: Request,
+        live: list[Sequence],
+        plan: list[int],
+        out: SchedulerOutput,
+        num_drafts: int = 0,
     ) -> int:
         samples = all(n == s.num_uncomputed for s, n in zip(live, plan, strict=True))
         used = 0
         for seq, n in zip(live, plan, strict=True):
+            drafts = seq.spec_token_ids[:num_drafts] if num_drafts else []
+            seq.spec_token_ids = []  # consumed (or dropped): the engine proposes afresh
             if n == 0:
                 continue
             start = seq.num_computed_tokens
@@ -251,13 +311,14 @@ class Scheduler:
                 ScheduledSeq(
                     seq_id=seq.seq_id,
                     request_id=request.request_id,
-                    token_ids=seq.token_ids[start : start + n],
+                    token_ids=seq.token_ids[start : start + n] + drafts,
                     start_pos=start,
                     block_table=self.kv.block_table(seq.seq_id),
                     sample=samples,
+                    draft_token_ids=drafts,
                 )
             )
-            used += n
+            used += n + len(drafts)
         out.num_batched_tokens += used
         return used
 

@@ -5,6 +5,8 @@ Same prompts, same run, greedy, fixed output length. For each concurrency it mea
 - transformers `generate` one request at a time (sequential);
 - transformers `generate` on one static, left-padded batch;
 - transformers continuous batching (`generate_batch`);
+- CTranslate2 `generate_batch`, fp32 and int8 (tests/benchmarks/ct2_peer.py), with the
+  share of our greedy outputs it reproduces exactly in fp32;
 - a roofline-style bound: the linear layers + LM head alone, on the same token counts.
 It prints tokens/s and ratios and writes JSON and a PNG plot (docs/benchmarks/ by default).
 Numbers are ratios measured side by side in one run: machines are noisy.
@@ -41,7 +43,9 @@ def bench_engine(
     prompts: list[list[int]],
     new_tokens: int,
     options: list[dict[str, Any]] | None = None,
+    token_ids: dict[str, list[int]] | None = None,
 ) -> dict[str, float]:
+    """Throughput of our engine; `token_ids`, when given, receives each request's output."""
     block_size = 16
     per_seq = -(-(max(map(len, prompts)) + new_tokens) // block_size)
     engine = LLMEngine(
@@ -66,6 +70,8 @@ def bench_engine(
             if first is None:
                 first = time.perf_counter() - start
             generated += sum(len(s.token_ids) for s in out.outputs)
+            if token_ids is not None:
+                token_ids.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
     return {"tokens": generated, "seconds": elapsed, "tok_s": generated / elapsed}
@@ -191,7 +197,15 @@ def main() -> None:
         help="HF sequential runs this many (its rate does not depend on concurrency)",
     )
     parser.add_argument(
-        "--skip", default="", help="comma list of: sequential,static,continuous,bound,options"
+        "--skip",
+        default="",
+        help="comma list of: sequential,static,continuous,bound,options,ct2",
+    )
+    parser.add_argument(
+        "--agreement-prompts",
+        type=int,
+        default=8,
+        help="greedy outputs compared between kogpt-serve and CTranslate2 fp32, per level",
     )
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -215,14 +229,35 @@ def main() -> None:
     }
     vocab = int(model.config.vocab_size)
     seq_rate = None
+    ct2: dict[str, Any] = {}
+    if "ct2" not in skip:  # optional peer: needs the `bench` extra's ctranslate2
+        from tests.benchmarks import ct2_peer
+
+        for quantization in ct2_peer.QUANTIZATIONS:
+            ct2[quantization] = ct2_peer.load_generator(
+                Path(args.model), quantization, torch.get_num_threads()
+            )
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         prompts = make_prompts(
             concurrency, args.prompt_min, args.prompt_max, vocab, seed=concurrency
         )
         bench_engine(model, loaded.tokenizer, prompts[:2], 4)  # warm-up
+        ours_ids: dict[str, list[int]] = {}
         systems: dict[str, dict[str, float]] = {
-            "kogpt-serve": bench_engine(model, loaded.tokenizer, prompts, args.new_tokens)
+            "kogpt-serve": bench_engine(
+                model, loaded.tokenizer, prompts, args.new_tokens, token_ids=ours_ids
+            )
         }
+        extra: dict[str, Any] = {}
+        for quantization, (generator, ct2_vocab) in ct2.items():
+            stats, ct2_ids = ct2_peer.bench_ct2(generator, ct2_vocab, prompts, args.new_tokens)
+            systems[f"ctranslate2 {quantization}"] = stats
+            if quantization == "float32":
+                n = args.agreement_prompts
+                ours_first = [ours_ids[f"r{i}"] for i in range(min(n, len(prompts)))]
+                extra["greedy_agreement_ours_vs_ct2_float32"] = ct2_peer.agreement(
+                    ours_first, ct2_ids[:n]
+                )
         if "options" not in skip:
             # Half of the batch with per-request options: measures the cost of the option path.
             opts = [
@@ -249,13 +284,19 @@ def main() -> None:
         ours = systems["kogpt-serve"]["tok_s"]
         ratios = {name: ours / s["tok_s"] for name, s in systems.items() if name != "kogpt-serve"}
         results["runs"].append(
-            {"concurrency": concurrency, "systems": systems, "ratios_ours_over": ratios}
+            {"concurrency": concurrency, "systems": systems, "ratios_ours_over": ratios, **extra}
         )
         print(f"\n== concurrency {concurrency} ==")
         for name, s in systems.items():
             print(f"  {name:34s} {s['tok_s']:9.1f} tok/s  ({s['seconds']:.2f} s)")
         for name, r in ratios.items():
             print(f"  kogpt-serve / {name:28s} {r:6.2f}x")
+        if extra:
+            agree = extra["greedy_agreement_ours_vs_ct2_float32"]
+            print(
+                f"  greedy outputs identical to CTranslate2 fp32: {agree['identical']}/"
+                f"{agree['sequences']} (first differences at {agree['first_difference_at']})"
+            )
         write_results(results, Path(args.out))  # after every level: a long run is never lost
 
 

@@ -63,11 +63,13 @@ def start_server(settings: Settings, state: ServerState | None = None) -> LiveSe
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    auth = {"Authorization": f"Bearer {key}"} if key else {}  # probes may be private
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.started:
             try:
-                if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{base_url}/ready", headers=auth, timeout=2).status_code == 200:
                     return LiveServer(base_url, server, thread)
             except httpx.HTTPError:
                 pass
@@ -111,11 +113,13 @@ def keyed_server(live_server: LiveServer) -> Iterator[LiveServer]:
         stop_server(live)
 
 
-def side_state(base: ServerState, max_num_seqs: int, max_waiting: int) -> ServerState:
-    """A second engine over the same weights: its own KV cache, batch and queue limits."""
-    config = EngineConfig(
-        num_blocks=2 * -(-base.n_positions // 16), block_size=16, max_num_seqs=max_num_seqs
-    )
+def side_state(
+    base: ServerState, max_num_seqs: int, max_waiting: int, num_blocks: int | None = None
+) -> ServerState:
+    """A second engine over the same weights: its own KV cache, batch and queue limits
+    (default pool: two full-length sequences)."""
+    blocks = num_blocks or 2 * -(-base.n_positions // 16)
+    config = EngineConfig(num_blocks=blocks, block_size=16, max_num_seqs=max_num_seqs)
     engine = LLMEngine(base.loaded.model, base.tokenizer, config)
     return ServerState(
         base.settings,

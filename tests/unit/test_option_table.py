@@ -61,7 +61,7 @@ def test_entries_are_well_formed() -> None:
         assert spec.cls in CLASSES and spec.status in STATUSES, name
         assert spec.type and spec.range and spec.default and spec.tests, name
         if spec.status == SERVED:
-            assert spec.via in ("engine", "api", "exact-lane"), name
+            assert spec.via in ("engine", "api", "exact-lane", "class-b"), name
         else:
             assert spec.via == "-", name
         if spec.status in (REJECTED, NOT_YET):
@@ -134,13 +134,14 @@ def test_split_options_by_class() -> None:
             **engine_owned,
         }
     )
-    assert split.engine == {"top_k": 5, "tempurature": 1.0}
-    assert set(split.ignored) == {
-        "prompt_lookup_num_tokens",
-        "max_matching_ngram_size",
-        "use_cache",
-        *engine_owned,
+    assert split.engine == {
+        "top_k": 5,
+        "tempurature": 1.0,
+        "prompt_lookup_num_tokens": 3,
+        "max_matching_ngram_size": 2,
+        "num_assistant_tokens": 20,  # neutral: no draft model needed
     }
+    assert set(split.ignored) == {"use_cache", *engine_owned}
     assert split.exact == ["output_attentions"]
     assert all(OPTION_TABLE[n].status == IGNORED for n in split.ignored)
 
@@ -148,8 +149,6 @@ def test_split_options_by_class() -> None:
 @pytest.mark.parametrize(
     ("options", "field", "words"),
     [
-        ({"num_beam_groups": 2}, "num_beam_groups", "not supported yet"),
-        ({"penalty_alpha": 0.6}, "penalty_alpha", "contrastive"),
         ({"encoder_no_repeat_ngram_size": 2}, "encoder_no_repeat_ngram_size", "decoder-only"),
         ({"num_assistant_tokens": 5}, "num_assistant_tokens", "no draft model"),
         ({"use_mtp": True}, "use_mtp", "multi-token"),
@@ -162,6 +161,17 @@ def test_split_options_refusals_name_field_and_reason(
     with pytest.raises(ParamValidationError) as err:
         split_options(options)
     assert err.value.field == field and field in str(err.value) and words in str(err.value)
+
+
+def test_assisted_options_need_a_draft_model() -> None:
+    assisted = {"num_assistant_tokens": 5, "num_assistant_tokens_schedule": "heuristic"}
+    assert split_options(assisted, draft_model=True).engine == assisted
+    with pytest.raises(ParamValidationError) as err:
+        split_options(assisted)
+    assert err.value.field == "num_assistant_tokens" and "--draft-model" in str(err.value)
+    with pytest.raises(ParamValidationError) as err:  # lossy: refused even with a draft model
+        split_options({"assistant_ensemble_weight": 0.5}, draft_model=True)
+    assert "lossless" in str(err.value)
 
 
 def test_docs_options_md_is_generated() -> None:

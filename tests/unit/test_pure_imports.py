@@ -16,6 +16,12 @@ PURE_MODULES = [
     "app.engine.validation",
     "app.engine.logits_options",
     "app.engine.strategy_options",
+    "app.engine.spec_options",
+    "app.engine.ngram_proposer",
+    "app.engine.grammar_options",
+    "app.engine.grammar",
+    "app.engine.class_b.options",
+    "app.engine.class_b.constraints",
 ]
 
 

@@ -1,0 +1,214 @@
+"""How many KV blocks the server allocates, and why.
+
+Explicit `--num-kv-blocks` wins, then `--kv-cache-memory-gb`. Otherwise on CUDA the pool
+takes what `--gpu-memory-utilization` of the GPU leaves after the weights, memory outside
+torch (CUDA context, other processes) and the activation peak of a profiling step at the
+largest batch (`max_num_batched_tokens` prompt tokens, `max_num_seqs` logits rows and their
+float32 sampler copies), as vLLM does. On CPU the default is CPU_DEFAULT_KV_GIB. The count is
+capped at what `max_num_seqs` full-length sequences can use, and must hold one of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+
+from app.modeling.attention_metadata import SeqChunk, build_step_input
+from app.modeling.gpt2 import KVCache, PagedGPT2
+
+CPU_DEFAULT_KV_GIB = 2.0  # default KV pool on CPU hosts when nothing is configured
+GIB = 2**30
+
+
+class KVSizingError(ValueError):
+    """The KV cache cannot be sized as configured; the message names the setting to change."""
+
+
+class DeviceMemory(Protocol):
+    """The few torch.cuda memory calls the profile needs (a fake stands in on CPU tests)."""
+
+    def mem_get_info(self) -> tuple[int, int]: ...  # (free, total) bytes on the device
+    def memory_allocated(self) -> int: ...
+    def memory_reserved(self) -> int: ...
+    def max_memory_allocated(self) -> int: ...
+    def reset_peak(self) -> None: ...
+
+
+class CudaMemory:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def mem_get_info(self) -> tuple[int, int]:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(free), int(total)
+
+    def memory_allocated(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device))
+
+    def memory_reserved(self) -> int:
+        return int(torch.cuda.memory_reserved(self.device))
+
+    def max_memory_allocated(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
+@dataclass
+class KVSizing:
+    num_blocks: int
+    source: str  # num_kv_blocks | kv_cache_memory_gb | gpu_memory_utilization | cpu_default
+    bytes_per_block: int
+    # GPU profile (bytes), when the pool was sized from free memory.
+    total_memory: int | None = None
+    weights: int | None = None
+    activation_peak: int | None = None
+    non_torch: int | None = None
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        out["kv_gib"] = round(self.kv_bytes / GIB, 3)
+        return out
+
+    def describe(self) -> str:
+        text = f"KV cache {self.num_blocks} blocks = {self.kv_bytes / GIB:.2f} GiB ({self.source})"
+        if self.total_memory is not None:
+            text += (
+                f"; GPU {self.total_memory / GIB:.1f} GiB: weights {self.weights / GIB:.2f}, "  # type: ignore[operator]
+                f"activation peak {self.activation_peak / GIB:.2f}, "  # type: ignore[operator]
+                f"outside torch {self.non_torch / GIB:.2f} GiB"  # type: ignore[operator]
+            )
+        return text
+
+
+def blocks_for_budget(
+    budget_bytes: int, bytes_per_block: int, min_blocks: int, max_blocks: int, hint: str
+) -> int:
+    blocks = min(max_blocks, max(0, budget_bytes) // bytes_per_block)
+    if blocks < min_blocks:
+        raise KVSizingError(
+            f"the KV cache has room for {blocks} blocks ({max(0, budget_bytes) / GIB:.2f} GiB) "
+            f"but one full-length sequence needs {min_blocks}; {hint}"
+        )
+    return blocks
+
+
+def profile_step_seqs(
+    num_tokens: int, num_seqs: int, n_positions: int, block_size: int
+) -> list[SeqChunk]:
+    """Prompt chunks of the largest step: `num_tokens` tokens over up to `num_seqs` sequences,
+    each shorter than n_positions, block tables over a pool of exactly that many blocks."""
+    seqs, next_block, left = [], 0, num_tokens
+    count = max(1, min(num_seqs, num_tokens))
+    per_seq = min(n_positions - 1, math.ceil(num_tokens / count))
+    while left > 0:
+        n = min(per_seq, left)
+        blocks = math.ceil(n / block_size)
+        seqs.append(SeqChunk([0] * n, 0, list(range(next_block, next_block + blocks))))
+        next_block, left = next_block + blocks, left - n
+    return seqs
+
+
+def activation_peak_bytes(
+    model: PagedGPT2, memory: DeviceMemory, max_tokens: int, max_seqs: int, block_size: int
+) -> int:
+    """Peak bytes one largest step allocates beyond the weights and its own scratch KV."""
+    config = model.config
+    seqs = profile_step_seqs(max_tokens, max_seqs, int(config.n_positions), block_size)
+    num_blocks = sum(len(s.block_table) for s in seqs)
+    memory.reset_peak()
+    base = memory.memory_allocated()
+    kv = KVCache.allocate(config, num_blocks, block_size, model.dtype, model.device)
+    kv_bytes = memory.memory_allocated() - base
+    step = build_step_input(seqs, block_size, model.device, max_positions=config.n_positions)
+    logits = model(step, kv)
+    # The sampler's float32 copy, raw log-probs and probabilities for up to max_seqs rows.
+    rows = logits[:1].float().expand(min(max_seqs, max_tokens), -1)
+    sampler_work = [rows.clone(), torch.log_softmax(rows, -1), torch.softmax(rows, -1)]
+    peak = memory.max_memory_allocated()
+    del kv, step, logits, rows, sampler_work
+    memory.reset_peak()
+    return max(0, peak - base - kv_bytes)
+
+
+def size_from_gpu(
+    model: PagedGPT2,
+    memory: DeviceMemory,
+    utilization: float,
+    bytes_per_block: int,
+    max_tokens: int,
+    max_seqs: int,
+    block_size: int,
+    min_blocks: int,
+    max_blocks: int,
+) -> KVSizing:
+    weights = memory.memory_allocated()
+    peak = activation_peak_bytes(model, memory, max_tokens, max_seqs, block_size)
+    free, total = memory.mem_get_info()
+    non_torch = max(0, total - free - memory.memory_reserved())
+    budget = int(total * utilization) - weights - peak - non_torch
+    blocks = blocks_for_budget(
+        budget,
+        bytes_per_block,
+        min_blocks,
+        max_blocks,
+        f"weights take {weights / GIB:.2f} GiB and a {max_tokens}-token step "
+        f"{peak / GIB:.2f} GiB of {total / GIB:.1f} GiB: raise --gpu-memory-utilization "
+        f"(now {utilization}), lower --max-num-batched-tokens, or set --num-kv-blocks",
+    )
+    return KVSizing(
+        blocks, "gpu_memory_utilization", bytes_per_block, total, weights, peak, non_torch
+    )
+
+
+def resolve_kv_sizing(
+    settings: Any, model: PagedGPT2, memory: DeviceMemory | None = None
+) -> KVSizing:
+    """The pool size for these settings; `memory` defaults to CudaMemory on a CUDA model."""
+    config = model.config
+    per_block = KVCache.block_bytes(config, settings.block_size, model.dtype)
+    min_blocks = -(-int(config.n_positions) // settings.block_size)
+    max_blocks = settings.max_num_seqs * min_blocks
+    if settings.num_kv_blocks is not None:
+        blocks = blocks_for_budget(
+            settings.num_kv_blocks * per_block,
+            per_block,
+            min_blocks,
+            settings.num_kv_blocks,
+            "raise --num-kv-blocks",
+        )
+        return KVSizing(blocks, "num_kv_blocks", per_block)
+    if settings.kv_cache_memory_gb is not None:
+        budget = int(settings.kv_cache_memory_gb * GIB)
+        hint = "raise --kv-cache-memory-gb"
+        blocks = blocks_for_budget(budget, per_block, min_blocks, max_blocks, hint)
+        return KVSizing(blocks, "kv_cache_memory_gb", per_block)
+    if memory is None and model.device.type == "cuda":
+        memory = CudaMemory(model.device)
+    if memory is not None:
+        return size_from_gpu(
+            model,
+            memory,
+            settings.gpu_memory_utilization,
+            per_block,
+            settings.max_num_batched_tokens,
+            settings.max_num_seqs,
+            settings.block_size,
+            min_blocks,
+            max_blocks,
+        )
+    budget = int(CPU_DEFAULT_KV_GIB * GIB)
+    hint = "raise --kv-cache-memory-gb"
+    blocks = blocks_for_budget(budget, per_block, min_blocks, max_blocks, hint)
+    return KVSizing(blocks, "cpu_default", per_block)

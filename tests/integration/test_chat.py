@@ -1,0 +1,166 @@
+"""POST /v1/chat/completions through the `openai` package's chat client, against the live server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import LiveServer, sse_events
+
+SYSTEM = {"role": "system", "content": "친절하게 답하세요."}
+CHAT: list[Any] = [
+    SYSTEM,
+    {"role": "user", "content": "안녕하세요"},
+    {"role": "assistant", "content": "반갑습니다"},
+    {"role": "user", "content": "국회는 무엇을 하나요?"},
+]
+RENDERED = "친절하게 답하세요.<usr>안녕하세요<sys>반갑습니다</s><usr>국회는 무엇을 하나요?<sys>"
+USR, EOS = 2, 1  # the embedded tokenizer's <usr> and </s>
+
+
+@pytest.fixture(scope="module")
+def oai(live_server: LiveServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{live_server.base_url}/v1", api_key="x", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(live_server: LiveServer) -> str:
+    return live_server.state.model_name
+
+
+def test_chat_equals_completions_on_the_rendered_prompt(oai: openai.OpenAI, model: str) -> None:
+    """The same mapping as /v1/completions, on the template's prompt, stopping at eos and <usr>."""
+    kwargs: dict[str, Any] = {"model": model, "max_tokens": 12, "temperature": 0.8, "seed": 5}
+    chat = oai.chat.completions.create(messages=CHAT, **kwargs)
+    plain = oai.completions.create(
+        prompt=RENDERED, extra_body={"eos_token_id": [EOS, USR]}, **kwargs
+    )
+    assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-")
+    message = chat.choices[0].message
+    assert message.role == "assistant" and message.content == plain.choices[0].text
+    assert chat.choices[0].finish_reason == plain.choices[0].finish_reason
+    assert chat.usage == plain.usage
+    assert [m.id for m in oai.models.list().data] == [model]
+
+
+def test_generation_stops_at_eos_and_at_the_next_user_turn(oai: openai.OpenAI, model: str) -> None:
+    for token in (EOS, USR):
+        forced = {"model": model, "messages": CHAT, "max_tokens": 6, "temperature": 0}
+        stopped = oai.chat.completions.create(**forced, logit_bias={str(token): 100})
+        assert stopped.choices[0].finish_reason == "stop"
+        assert stopped.usage.completion_tokens == 1 and stopped.choices[0].message.content == ""
+    # With the checkpoint's eos only, the forced <usr> does not stop it.
+    running = oai.chat.completions.create(
+        **forced, logit_bias={str(USR): 100}, extra_body={"eos_token_id": EOS}
+    )
+    assert running.choices[0].finish_reason == "length"
+    assert running.usage.completion_tokens == 6
+
+
+def test_stream_equals_non_stream_with_n_and_usage(oai: openai.OpenAI, model: str) -> None:
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "messages": CHAT,
+        "max_completion_tokens": 10,
+        "n": 2,
+        "seed": 11,
+        "temperature": 0.9,
+    }
+    full = oai.chat.completions.create(**kwargs)
+    assert [c.index for c in full.choices] == [0, 1]
+    chunks = list(
+        oai.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    for choice in full.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert mine[0].delta.role == "assistant" and mine[0].delta.content == ""
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+        assert mine[-1].finish_reason is not None
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_raw_stream_ends_with_done(client: httpx.Client) -> None:
+    body = {"messages": CHAT[1:2], "max_tokens": 4, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(r.iter_lines()))
+    assert events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[-2]["choices"][0]["delta"] == {} and events[-2]["choices"][0]["finish_reason"]
+
+
+def test_seed_reproduces_and_stop_strings_cut(oai: openai.OpenAI, model: str) -> None:
+    kwargs: dict[str, Any] = {"model": model, "messages": CHAT, "max_tokens": 16}
+    a, b, other = (oai.chat.completions.create(**kwargs, seed=s) for s in (21, 21, 22))
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.choices[0].message.content != other.choices[0].message.content
+    greedy = oai.chat.completions.create(**kwargs, temperature=0).choices[0].message.content
+    assert greedy and len(greedy) > 2
+    stop = greedy[1:3]  # a piece of the greedy answer: the answer must end before it
+    cut = oai.chat.completions.create(**kwargs, temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop"
+    assert stop not in cut.message.content and greedy.startswith(cut.message.content)
+
+
+def test_logprobs_and_extra_generate_options(oai: openai.OpenAI, model: str) -> None:
+    done = oai.chat.completions.create(
+        model=model,
+        messages=CHAT,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"repetition_penalty": 1.3, "min_new_tokens": 5},
+    )
+    content = done.choices[0].logprobs.content
+    assert len(content) == done.usage.completion_tokens == 5
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.logprob == entry.top_logprobs[0].logprob  # greedy: the chosen is the top
+    whole = b"".join(bytes(entry.bytes) for entry in content).decode("utf-8")
+    assert whole == done.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"n": 2, "temperature": 0}, "n"),
+        ({"max_tokens": 5000}, "max_tokens"),
+        ({"max_completion_tokens": 4, "max_tokens": 5}, "max_completion_tokens"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 9}, "top_logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"extra_body": {"top_kk": 3}}, "top_kk"),
+        ({"extra_body": {"echo": True}}, "echo"),
+        ({"extra_body": {"output_attentions": True}}, "output_attentions"),
+    ],
+)
+def test_bad_requests_are_422_naming_the_field(
+    oai: openai.OpenAI, model: str, kwargs: dict[str, Any], param: str
+) -> None:
+    request: dict[str, Any] = {"model": model, "messages": CHAT, "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        oai.chat.completions.create(**request)
+    err = info.value
+    assert err.status_code == 422 and err.param == param, err.body
+    assert param.split(".")[0] in err.message
+
+
+def test_unknown_model_and_too_long_conversation(oai: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        oai.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=1)
+    long = [{"role": "user", "content": "가 " * 2000}]
+    with pytest.raises(openai.UnprocessableEntityError, match=r"\d+ tokens but at most \d+"):
+        oai.chat.completions.create(model=model, messages=long, max_tokens=1)

@@ -1,0 +1,57 @@
+"""app/api/body_checks.py: a lone UTF-16 surrogate anywhere in a JSON body is found and named
+by its dotted path; valid text (surrogate pairs included) never is."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.api.body_checks import lone_surrogate_field
+
+KEYS = st.text(alphabet="abcxyz_", min_size=1, max_size=5)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
+    max_leaves=8,
+)
+LONE = st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff", "a\ud83d", "\ude00b"])
+
+
+def plant(doc: Any, path: list[str | int], text: str) -> tuple[Any, str]:
+    """`doc` with `text` at a new leaf below the first container on a path; the leaf's path."""
+    if isinstance(doc, dict):
+        key = "zz"
+        return {**doc, key: text}, ".".join([*map(str, path), key])
+    if isinstance(doc, list):
+        return [*doc, text], ".".join([*map(str, path), str(len(doc))])
+    return {"zz": text}, ".".join([*map(str, path), "zz"])
+
+
+@settings(max_examples=60)
+@given(doc=JSON)
+def test_valid_text_is_never_flagged(doc: Any) -> None:
+    with_pairs = {"emoji": "😀 \U0001f600", "korean": "대한민국", "doc": doc}
+    for ensure_ascii in (True, False):
+        body = json.dumps(with_pairs, ensure_ascii=ensure_ascii).encode("utf-8", "surrogatepass")
+        assert lone_surrogate_field(body) is None
+
+
+@settings(max_examples=60)
+@given(doc=JSON, lone=LONE, wrap=st.lists(KEYS, max_size=3))
+def test_a_lone_surrogate_is_named_by_its_path(doc: Any, lone: str, wrap: list[str]) -> None:
+    planted, leaf = plant(doc, wrap, lone)
+    for key in reversed(wrap):
+        planted = {key: planted}
+    body = json.dumps(planted).encode()  # ensure_ascii: the surrogate travels as \\udXXX
+    assert lone_surrogate_field(body) == leaf
+
+
+def test_an_escaped_backslash_is_not_an_escape() -> None:
+    assert lone_surrogate_field(json.dumps({"inputs": "\\ud800"}).encode()) is None
+    assert lone_surrogate_field(b'{"inputs": "\\ud800"}') == "inputs"
+    assert lone_surrogate_field(b'"\\udc00"') == "body"
+    assert lone_surrogate_field(b'{"\\ud800": 1}') == "body"
+    assert lone_surrogate_field(b'{"inputs": "\\ud800') is None  # not JSON: the parser's 422
