@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.exceptions import RequestValidationError
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
@@ -162,6 +162,8 @@ def test_few_shot_validates_as_generate(state: ServerState, params: dict[str, An
     """Same options, same verdict and same field on /few-shot as on /generate (few-shot only
     adds its own max_new_tokens default)."""
     params = {"max_new_tokens": 8, **params}
+    # The few-shot prompt is longer, so near the context limit only it may be too long.
+    assume(not isinstance(params["max_new_tokens"], int) or params["max_new_tokens"] <= 128)
 
     def verdict(call: Callable[[], Any]) -> str | None:
         try:
