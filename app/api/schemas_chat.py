@@ -7,11 +7,11 @@ is a 422 that names it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.schemas_openai import ResponseFormat, StreamOptions, Usage
+from app.api.schemas_openai import OpenAIRequestFields, Usage
 from app.engine.logits_options import TOP_N_TOKENS_MAX
 
 CHAT_EXAMPLE = {
@@ -50,12 +50,11 @@ class ChatMessage(BaseModel):
         return "\n".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(OpenAIRequestFields):
     model_config = ConfigDict(
         extra="allow", strict=True, json_schema_extra={"examples": [CHAT_EXAMPLE]}
     )
 
-    model: str | None = Field(default=None, description="The served model name (GET /v1/models).")
     messages: list[ChatMessage] = Field(
         min_length=1, description="The conversation, rendered by the chat template."
     )
@@ -65,15 +64,8 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(
         default=None, ge=1, description="Older name of max_completion_tokens."
     )
-    temperature: float | None = Field(
-        default=1.0, ge=0, allow_inf_nan=False, description="0 = greedy (do_sample false)."
-    )
-    top_p: float | None = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
     n: int | None = Field(default=1, ge=1, description="Choices (num_return_sequences).")
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(default=None, description="Stop strings.")
-    seed: int | None = Field(default=None, description="Reproducible sampling.")
     logprobs: bool | None = Field(default=False, description="Return the tokens' logprobs.")
     top_logprobs: int | None = Field(
         default=None,
@@ -81,23 +73,6 @@ class ChatCompletionRequest(BaseModel):
         le=TOP_N_TOKENS_MAX,
         description=f"Alternatives per token (0..{TOP_N_TOKENS_MAX}); needs logprobs: true.",
     )
-    presence_penalty: float | None = Field(
-        default=0.0, ge=-2, le=2, description="Only 0 unless the engine serves it (422)."
-    )
-    frequency_penalty: float | None = Field(
-        default=0.0, ge=-2, le=2, description="Only 0 unless the engine serves it (422)."
-    )
-    logit_bias: dict[str, float] | None = Field(
-        default=None, description='{"token id": bias}; mapped to sequence_bias.'
-    )
-    user: str | None = Field(default=None, description="End-user id (logged, not used).")
-    response_format: ResponseFormat | None = Field(
-        default=None, description="JSON output: json_object or json_schema (a grammar)."
-    )
-
-    @property
-    def extra_options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
 
 
 class TopLogprob(BaseModel):

@@ -57,34 +57,16 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="allow", strict=True, json_schema_extra={"examples": COMPLETION_EXAMPLES}
-    )
+class OpenAIRequestFields(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share, with the same meaning."""
 
     model: str | None = Field(default=None, description="The served model name (GET /v1/models).")
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text, a list of texts, token ids, or a list of token id lists."
-    )
-    suffix: str | None = Field(default=None, description="Not supported (422 when set).")
-    max_tokens: int | None = Field(
-        default=16, ge=0, description="New tokens per choice (0 only with echo)."
-    )
     temperature: float | None = Field(
         default=1.0, ge=0, allow_inf_nan=False, description="0 = greedy (do_sample false)."
     )
     top_p: float | None = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    n: int | None = Field(default=1, ge=1, description="Choices per prompt.")
-    best_of: int | None = Field(
-        default=None, ge=1, description="Sample this many per prompt, return the n most likely."
-    )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(
-        default=None, ge=0, le=5, description="Return logprobs (and up to 5 alternatives)."
-    )
-    echo: bool | None = Field(default=False, description="Prepend the prompt to the text.")
-    stop: str | list[str] | None = Field(default=None, description="Stop strings (up to any).")
     presence_penalty: float | None = Field(
         default=0.0, ge=-2, le=2, description="Only 0 unless the engine serves it (422)."
     )
@@ -103,6 +85,29 @@ class CompletionRequest(BaseModel):
     @property
     def extra_options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class CompletionRequest(OpenAIRequestFields):
+    model_config = ConfigDict(
+        extra="allow", strict=True, json_schema_extra={"examples": COMPLETION_EXAMPLES}
+    )
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, a list of texts, token ids, or a list of token id lists."
+    )
+    suffix: str | None = Field(default=None, description="Not supported (422 when set).")
+    max_tokens: int | None = Field(
+        default=16, ge=0, description="New tokens per choice (0 only with echo)."
+    )
+    n: int | None = Field(default=1, ge=1, description="Choices per prompt.")
+    best_of: int | None = Field(
+        default=None, ge=1, description="Sample this many per prompt, return the n most likely."
+    )
+    logprobs: int | None = Field(
+        default=None, ge=0, le=5, description="Return logprobs (and up to 5 alternatives)."
+    )
+    echo: bool | None = Field(default=False, description="Prepend the prompt to the text.")
+    stop: str | list[str] | None = Field(default=None, description="Stop strings (up to any).")
 
 
 class LogProbs(BaseModel):
