@@ -82,12 +82,6 @@ def decoder(state: ServerState) -> Callable[[list[int]], str]:
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def tokenize_prompt(state: ServerState, text: str, field_name: str = "inputs") -> list[int]:
-    ids = encode(state, text)
-    check_prompt_ids(state, ids, field_name)
-    return ids
-
-
 @dataclass
 class OptionSplit:
     """A request's options routed by the option table (app/api/option_table.py)."""

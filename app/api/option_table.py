@@ -49,7 +49,7 @@ class OptionSpec:
 # -- the tests that cover the options (pytest node ids, file::function) -------------------
 _CONF = "tests/conformance/test_generate_conformance.py::"
 C_EACH, C_SEED = _CONF + "test_each_option", _CONF + "test_seed_examples"
-C_RAND, C_GUIDE = _CONF + "test_random_combinations", _CONF + "test_guidance_with_negative_prompt"
+C_GUIDE = _CONF + "test_guidance_with_negative_prompt"
 C_HEAL = _CONF + "test_token_healing"
 _LOG = "tests/unit/test_logits_options.py::"
 L_GREEDY, L_SAMPLE = _LOG + "test_option_alone_greedy", _LOG + "test_option_alone_sampling"

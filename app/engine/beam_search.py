@@ -110,9 +110,6 @@ class BeamSearch:
         self.running_beam_indices = torch.full((1, b, length - self.cur_len), -1, dtype=torch.int32)
         self.beam_indices = self.running_beam_indices.clone()
 
-    def running_tokens(self, beam: int) -> list[int]:
-        return self.running_sequences[0, beam, : self.cur_len].tolist()
-
     def step(self, logits: torch.Tensor) -> BeamStep:
         """`logits`: [num_beams, V] raw logits of the running beams, in beam order (or [1, V]
         on the first step, when all beams are still the prompt)."""

@@ -347,13 +347,6 @@ class LLMEngine:
         self.scheduler.finish_request(state.request.request_id, reason)
         self._states.pop(state.request.request_id, None)
 
-    @staticmethod
-    def _find_seq(request: Request, seq_id: int) -> Sequence:
-        for seq in request.seqs:
-            if seq.seq_id == seq_id:
-                return seq
-        raise KeyError(f"sequence {seq_id} not in request {request.request_id}")
-
     def _fail(self, errors: dict[str, Exception]) -> list[RequestOutput]:
         outs = []
         for request_id, err in errors.items():

@@ -9,12 +9,6 @@ from app.modeling.attention_metadata import build_step_input
 from app.modeling.gpt2 import KVCache, PagedGPT2
 
 
-def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:  # type: ignore[no-untyped-def]
-    """Key + value bytes of one block across all layers."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.n_layer * block_size * config.n_embd * elem
-
-
 class ModelRunner:
     def __init__(self, hf_model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
         self.config = hf_model.config
