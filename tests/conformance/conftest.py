@@ -37,6 +37,13 @@ def engine_generate(
     loaded: LoadedModel, jobs: list[tuple[list[int], dict[str, Any]]], **config: Any
 ) -> list[dict[int, list[int]]]:
     """Run all jobs in one engine (one continuous batch); ids per sequence per job."""
+    return engine_run(loaded, jobs, **config)[0]
+
+
+def engine_run(
+    loaded: LoadedModel, jobs: list[tuple[list[int], dict[str, Any]]], **config: Any
+) -> tuple[list[dict[int, list[int]]], LLMEngine]:
+    """engine_generate, also returning the engine (its counters) after the run."""
     engine = LLMEngine(
         loaded.model,
         loaded.tokenizer,
@@ -66,7 +73,7 @@ def engine_generate(
                 got[int(out.request_id[1:])].setdefault(seq.index, []).extend(seq.token_ids)
     engine.check_integrity()
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    return got
+    return got, engine
 
 
 def padded(ours: dict[int, list[int]], ref: list[list[int]], pad: int) -> list[list[int]]:

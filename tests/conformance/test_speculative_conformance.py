@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from app.engine.engine import EngineConfig, LLMEngine
-from app.engine.sampling_params import resolve_sampling_params
+from app.engine.engine import LLMEngine
 from app.modeling.loader import LoadedModel
-from tests.conformance.conftest import encode, hf_generate, padded
+from tests.conformance.conftest import encode, engine_run, hf_generate, padded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,30 +34,7 @@ def run_engine(
     loaded: LoadedModel, jobs: list[tuple[list[int], dict[str, Any]]], budget: int = 64
 ) -> tuple[list[dict[int, list[int]]], LLMEngine]:
     """All jobs in one engine; generated ids per sequence per job, and the engine."""
-    engine = LLMEngine(
-        loaded.model,
-        loaded.tokenizer,
-        EngineConfig(num_blocks=256, block_size=16, max_num_batched_tokens=budget),
-    )
-    for i, (prompt, options) in enumerate(jobs):
-        params = resolve_sampling_params(
-            options,
-            loaded.generation_config.to_dict(),
-            int(loaded.config.n_positions),
-            len(prompt),
-            encode=lambda s: encode(loaded, s),
-            vocab_size=int(loaded.config.vocab_size),
-        )
-        engine.add_request(f"r{i}", prompt, params)
-    got: list[dict[int, list[int]]] = [{} for _ in jobs]
-    while engine.has_unfinished():
-        for out in engine.step():
-            assert out.error is None, out.error
-            for seq in out.outputs:
-                got[int(out.request_id[1:])].setdefault(seq.index, []).extend(seq.token_ids)
-    engine.check_integrity()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    return got, engine
+    return engine_run(loaded, jobs, num_blocks=256, max_num_batched_tokens=budget)
 
 
 def check_identical(loaded: LoadedModel, text: str, options: dict[str, Any]) -> LLMEngine:
