@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import GPT2LMHeadModel
 
 from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.sampling_params import resolve_sampling_params
@@ -41,9 +42,14 @@ def engine_generate(
 
 
 def engine_run(
-    loaded: LoadedModel, jobs: list[tuple[list[int], dict[str, Any]]], **config: Any
+    loaded: LoadedModel,
+    jobs: list[tuple[list[int], dict[str, Any]]],
+    draft_model: GPT2LMHeadModel | None = None,
+    check_each_step: bool = False,
+    **config: Any,
 ) -> tuple[list[dict[int, list[int]]], LLMEngine]:
-    """engine_generate, also returning the engine (its counters) after the run."""
+    """engine_generate, also returning the engine (its counters) after the run; optionally
+    with a draft model, and the KV integrity check after every step, not just at the end."""
     engine = LLMEngine(
         loaded.model,
         loaded.tokenizer,
@@ -52,6 +58,7 @@ def engine_run(
             block_size=config.get("block_size", 16),
             max_num_batched_tokens=config.get("max_num_batched_tokens", 64),
         ),
+        draft_model=draft_model,
     )
     defaults = loaded.generation_config.to_dict()
     n_positions = int(loaded.config.n_positions)
@@ -71,6 +78,8 @@ def engine_run(
             assert out.error is None, out.error
             for seq in out.outputs:
                 got[int(out.request_id[1:])].setdefault(seq.index, []).extend(seq.token_ids)
+        if check_each_step:
+            engine.check_integrity()
     engine.check_integrity()
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
     return got, engine

@@ -13,10 +13,9 @@ import pytest
 from transformers import GPT2LMHeadModel
 
 from app.engine.draft_model import DraftModelError, check_compatible, check_same_tokenizer
-from app.engine.engine import EngineConfig, LLMEngine
-from app.engine.sampling_params import resolve_sampling_params
+from app.engine.engine import LLMEngine
 from app.modeling.loader import LoadedModel
-from tests.conformance.conftest import encode, hf_generate
+from tests.conformance.conftest import encode, engine_run, hf_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,30 +37,17 @@ def run(
     draft: GPT2LMHeadModel | None,
     num_blocks: int = 256,
 ) -> tuple[list[list[int]], LLMEngine]:
-    engine = LLMEngine(
-        loaded.model,
-        loaded.tokenizer,
-        EngineConfig(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=48),
+    """One-sequence jobs in one engine with `draft` proposing; ids per job, and the engine."""
+    got, engine = engine_run(
+        loaded,
+        jobs,
         draft_model=draft,
+        check_each_step=True,
+        num_blocks=num_blocks,
+        block_size=4,
+        max_num_batched_tokens=48,
     )
-    for i, (prompt, options) in enumerate(jobs):
-        params = resolve_sampling_params(
-            options,
-            loaded.generation_config.to_dict(),
-            int(loaded.config.n_positions),
-            len(prompt),
-            vocab_size=int(loaded.config.vocab_size),
-        )
-        engine.add_request(f"r{i}", prompt, params)
-    got: list[list[int]] = [[] for _ in jobs]
-    while engine.has_unfinished():
-        for out in engine.step():
-            assert out.error is None, out.error
-            for seq in out.outputs:
-                got[int(out.request_id[1:])].extend(seq.token_ids)
-        engine.check_integrity()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    return got, engine
+    return [seqs.get(0, []) for seqs in got], engine
 
 
 CASES: list[dict[str, Any]] = [
