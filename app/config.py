@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
         default="auto", description="Weights and KV dtype; auto = fp16/bf16 on GPU, fp32 on CPU."
     )
+    linear_backend: Literal["auto", "aten", "mkldnn"] = Field(
+        default="auto",
+        description="Matmul backend: auto = oneDNN with prepacked weights for float32 on CPU "
+        "(faster; one extra copy of the weights), torch's own matmul elsewhere; aten = always "
+        "torch's own (bit-identical to transformers).",
+    )
     max_num_seqs: int = Field(
         default=256, ge=1, description="Most sequences (beams included) in one step's batch."
     )

@@ -71,6 +71,7 @@ def build_state(settings: Settings) -> ServerState:
                 max_num_batched_tokens=settings.max_num_batched_tokens,
                 enable_prefix_caching=settings.enable_prefix_caching,
                 seed=settings.seed,
+                linear_backend=settings.linear_backend,
             ),
             draft_model=draft.model if draft else None,
         )
@@ -125,6 +126,7 @@ def info_dict(state: ServerState) -> dict[str, Any]:
         "version": __version__,
         "device": str(state.loaded.device),
         "dtype": str(state.loaded.dtype).removeprefix("torch."),
+        "linear_backend": engine.runner.model.linears().backend,
         "config": {
             "n_layer": cfg.n_layer,
             "n_embd": cfg.n_embd,

@@ -271,6 +271,7 @@ class InfoResponse(BaseModel):
     router: str = "kogpt-serve"
     device: str
     dtype: str
+    linear_backend: str = Field(description="Matmul backend in use: aten or mkldnn.")
     config: dict[str, Any]
     max_input_tokens: int
     max_input_length: int = Field(description="TGI's name for max_input_tokens.")

@@ -29,6 +29,7 @@ from app.engine.sampling_params import SamplingParams
 from app.engine.scheduler import Scheduler, SchedulerConfig
 from app.engine.spec_decode import SpecDecoder, first_logits_rows
 from app.engine.stop import StopChecker, StopStringTextFilter, token_bytes_table
+from app.modeling.linear import LinearBackend
 
 logger = logging.getLogger("kogpt.engine")
 
@@ -41,6 +42,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     seed: int = 0
+    linear_backend: LinearBackend = "auto"  # app/modeling/linear.py
 
 
 @dataclass
@@ -95,7 +97,9 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(hf_model, config.num_blocks, config.block_size)
+        self.runner = ModelRunner(
+            hf_model, config.num_blocks, config.block_size, config.linear_backend
+        )
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv

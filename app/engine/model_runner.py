@@ -7,13 +7,21 @@ import torch
 from app.engine.scheduler import SchedulerOutput
 from app.modeling.attention_metadata import build_step_input
 from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.linear import LinearBackend
 
 
 class ModelRunner:
-    def __init__(self, hf_model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        hf_model: torch.nn.Module,
+        num_blocks: int,
+        block_size: int,
+        linear_backend: LinearBackend = "auto",
+    ) -> None:
         self.config = hf_model.config
         self.hf_model = hf_model  # kept for transformers-side preparation (beam search)
-        self.model = PagedGPT2.from_hf(hf_model)
+        self.model = PagedGPT2.from_hf(hf_model, linear_backend)
+        self.model.linears()  # packs weights now: a bad backend fails at start-up, not per step
         self.device = next(hf_model.parameters()).device
         self.dtype = self.model.dtype
         self.block_size = block_size

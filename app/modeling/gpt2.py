@@ -7,7 +7,8 @@ the cache slots, attention over each sequence's whole context, and ln_f + LM hea
 the rows whose logits are needed. It follows HF's arithmetic op for op (Conv1D as
 ``addmm(bias, x, W)``, layer norms, residual order, SDPA attention, the configured
 activation: ACT2FN's, or for gelu_new an equal but faster formula), so logits match
-``GPT2LMHeadModel`` to rounding (~1e-15 in float64, ~1e-6 in float32).
+``GPT2LMHeadModel`` to rounding (~1e-15 in float64, ~1e-5 in float32). The matmuls go through
+app/modeling/linear.py: HF's own ops, or on a float32 CPU oneDNN with prepacked weights.
 
 Per step, ``plan()`` builds every buffer and view the layers share (tests and the
 micro-benchmark call ``plan``/``attention`` directly); per layer, ``attention()`` writes the
@@ -26,6 +27,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from app.modeling.attention_metadata import DecodeBatch, PrefillChunk, StepInput
+from app.modeling.linear import GPT2Linears, LinearBackend, build_linears
 
 _GELU_C = 2.0 * math.sqrt(2.0 / math.pi)
 
@@ -159,7 +161,7 @@ class AttentionPlan:
 
 
 class PagedGPT2(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, linear_backend: LinearBackend = "auto") -> None:
         super().__init__()
         config = model.config
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
@@ -191,10 +193,24 @@ class PagedGPT2(nn.Module):
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         self.n_positions = config.n_positions
         self._ws = _Workspace()
+        self.linear_backend = linear_backend
+        self._linears: GPT2Linears | None = None
+        self._linears_key: tuple | None = None
 
     @classmethod
-    def from_hf(cls, model: nn.Module) -> PagedGPT2:
-        return cls(model).eval()
+    def from_hf(cls, model: nn.Module, linear_backend: LinearBackend = "auto") -> PagedGPT2:
+        return cls(model, linear_backend).eval()
+
+    def linears(self) -> GPT2Linears:
+        """The matmuls (app/modeling/linear.py), built on first use and again whenever the
+        weights moved to another device or dtype (packed copies do not follow ``.to``)."""
+        key = (self.device, self.dtype, self.wte.weight.data_ptr())
+        if self._linears is None or self._linears_key != key:
+            self._linears = build_linears(
+                self.h, self.lm_head, self.linear_backend, self.device, self.dtype
+            )
+            self._linears_key = key
+        return self._linears
 
     @property
     def dtype(self) -> torch.dtype:
@@ -215,24 +231,24 @@ class PagedGPT2(nn.Module):
             raise ValueError(f"position {step.max_position} >= n_positions {self.n_positions}")
 
         T, E = step.num_tokens, self.n_embd
+        linears = self.linears()
         plan = self.plan(step)
         hidden = F.embedding(step.input_ids, self.wte.weight) + F.embedding(
             step.positions, self.wpe.weight
         )
-        for i, block in enumerate(self.h):
-            attn, mlp = block.attn, block.mlp
+        for i, (block, lin) in enumerate(zip(self.h, linears.blocks, strict=True)):
             x = F.layer_norm(hidden, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
-            torch.addmm(attn.c_attn.bias, x, attn.c_attn.weight, out=plan.qkv)  # Conv1D: xW+b
+            lin.qkv(x, out=plan.qkv)  # the views of plan.qkv are this layer's q/k/v
             self.attention(plan, kv_cache.keys[i], kv_cache.values[i], step)
-            hidden = hidden + torch.addmm(attn.c_proj.bias, plan.out.view(T, E), attn.c_proj.weight)
+            hidden = hidden + lin.attn_proj(plan.out.view(T, E))
             x = F.layer_norm(hidden, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
-            x = self.act(torch.addmm(mlp.c_fc.bias, x, mlp.c_fc.weight))
-            hidden = hidden + torch.addmm(mlp.c_proj.bias, x, mlp.c_proj.weight)
+            x = self.act(lin.fc(x))
+            hidden = hidden + lin.mlp_proj(x)
 
         # ln_f and the LM head (the largest matmul) only for rows whose logits are used.
         hidden = hidden.index_select(0, step.logits_indices)
         hidden = F.layer_norm(hidden, (E,), self.ln_f.weight, self.ln_f.bias, self.eps)
-        return F.linear(hidden, self.lm_head.weight)
+        return linears.lm_head(hidden)
 
     def _additive(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         # SDPA turns a bool mask into an additive one on every call; do it once per step.

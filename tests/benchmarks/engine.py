@@ -26,6 +26,7 @@ from transformers import GenerationConfig, GPT2LMHeadModel
 
 from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.sampling_params import SamplingParams
+from app.modeling.linear import LinearBackend, build_linears
 from app.modeling.loader import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +45,7 @@ def bench_engine(
     new_tokens: int,
     options: list[dict[str, Any]] | None = None,
     token_ids: dict[str, list[int]] | None = None,
+    linear_backend: LinearBackend = "auto",
 ) -> dict[str, float]:
     """Throughput of our engine; `token_ids`, when given, receives each request's output."""
     block_size = 16
@@ -56,6 +58,7 @@ def bench_engine(
             block_size=block_size,
             max_num_seqs=max(256, len(prompts)),
             max_num_batched_tokens=2048,
+            linear_backend=linear_backend,
         ),
     )
     for i, prompt in enumerate(prompts):
@@ -128,24 +131,30 @@ def bench_hf_continuous(
 
 @torch.inference_mode()
 def bench_linear_bound(
-    model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int, repeats: int = 3
+    model: GPT2LMHeadModel,
+    prompts: list[list[int]],
+    new_tokens: int,
+    repeats: int = 3,
+    linear_backend: LinearBackend = "auto",
 ) -> dict[str, float]:
-    """Time of the matmuls alone: every prompt token through the layers once, then
-    `new_tokens` decode steps of the whole batch, LM head only where a token is sampled."""
-    tr = model.transformer
+    """Time of the matmuls alone, run by the engine's own matmul backend: every prompt
+    token through the layers once, then `new_tokens` decode steps of the whole batch, LM
+    head only where a token is sampled."""
     dim = model.config.n_embd
+    lin = build_linears(
+        model.transformer.h, model.lm_head, linear_backend, model.device, model.dtype
+    )
 
     def layers(n: int, head_rows: int) -> float:
         x = torch.randn(n, dim, dtype=model.dtype)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            for block in tr.h:
-                torch.addmm(block.attn.c_attn.bias, x, block.attn.c_attn.weight)
-                torch.addmm(block.attn.c_proj.bias, x, block.attn.c_proj.weight)
-                h = torch.addmm(block.mlp.c_fc.bias, x, block.mlp.c_fc.weight)
-                torch.addmm(block.mlp.c_proj.bias, h, block.mlp.c_proj.weight)
-            torch.nn.functional.linear(x[:head_rows], model.lm_head.weight)
+            for block in lin.blocks:
+                block.qkv(x)
+                block.attn_proj(x)
+                block.mlp_proj(block.fc(x))
+            lin.lm_head(x[:head_rows])
             best = min(best, time.perf_counter() - start)
         return best
 
@@ -199,7 +208,13 @@ def main() -> None:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma list of: sequential,static,continuous,bound,options,ct2",
+        help="comma list of: sequential,static,continuous,bound,options,ct2,aten",
+    )
+    parser.add_argument(
+        "--linear-backend",
+        default="auto",
+        choices=["auto", "aten", "mkldnn"],
+        help="the engine's matmul backend (app/modeling/linear.py); the bound uses the same",
     )
     parser.add_argument(
         "--agreement-prompts",
@@ -218,6 +233,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "model": Path(args.model).name,
         "dtype": "float32",
+        "linear_backend": args.linear_backend,
         "new_tokens": args.new_tokens,
         "machine": {
             "platform": platform.platform(),
@@ -245,9 +261,19 @@ def main() -> None:
         ours_ids: dict[str, list[int]] = {}
         systems: dict[str, dict[str, float]] = {
             "kogpt-serve": bench_engine(
-                model, loaded.tokenizer, prompts, args.new_tokens, token_ids=ours_ids
+                model,
+                loaded.tokenizer,
+                prompts,
+                args.new_tokens,
+                token_ids=ours_ids,
+                linear_backend=args.linear_backend,
             )
         }
+        if "aten" not in skip and args.linear_backend != "aten":
+            # The same engine on torch's own matmuls: what the prepacked backend buys.
+            systems["kogpt-serve (aten matmuls)"] = bench_engine(
+                model, loaded.tokenizer, prompts, args.new_tokens, linear_backend="aten"
+            )
         extra: dict[str, Any] = {}
         for quantization, (generator, ct2_vocab) in ct2.items():
             stats, ct2_ids = ct2_peer.bench_ct2(generator, ct2_vocab, prompts, args.new_tokens)
@@ -267,7 +293,12 @@ def main() -> None:
                 for i in range(concurrency)
             ]
             systems["kogpt-serve (half with options)"] = bench_engine(
-                model, loaded.tokenizer, prompts, args.new_tokens, opts
+                model,
+                loaded.tokenizer,
+                prompts,
+                args.new_tokens,
+                opts,
+                linear_backend=args.linear_backend,
             )
         if "sequential" not in skip:
             if seq_rate is None:
@@ -280,7 +311,9 @@ def main() -> None:
         if "continuous" not in skip:
             systems["hf generate_batch"] = bench_hf_continuous(model, prompts, args.new_tokens)
         if "bound" not in skip:
-            systems["linear-layer bound"] = bench_linear_bound(model, prompts, args.new_tokens)
+            systems["linear-layer bound"] = bench_linear_bound(
+                model, prompts, args.new_tokens, linear_backend=args.linear_backend
+            )
         ours = systems["kogpt-serve"]["tok_s"]
         ratios = {name: ours / s["tok_s"] for name, s in systems.items() if name != "kogpt-serve"}
         results["runs"].append(

@@ -26,6 +26,7 @@ def test_info_reports_model_and_limits(client: httpx.Client) -> None:
     assert info["max_total_tokens"] == 1024 and info["max_input_tokens"] == 1023
     assert info["kv_cache"]["num_blocks"] == 512
     assert info["device"] == "cpu" and info["dtype"] == "float32"
+    assert info["linear_backend"] in ("aten", "mkldnn")
 
 
 def test_generate_greedy_equals_model_generate(
