@@ -18,9 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,47 +38,9 @@ from tests.benchmarks.load_mix import (
     percentiles,
     replay,
 )
+from tests.server_process import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(args: list[str], threads: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """The server subprocess and its base URL, once /ready answers 200."""
-    port = free_port()
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
-    cmd = [sys.executable, "-m", "app.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                return proc, base_url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server not ready after 300 s:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()  # SIGTERM: graceful drain, nothing is in flight by now
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 async def stream_one(client: httpx.AsyncClient, req: LoadRequest) -> dict[str, Any]:
@@ -271,7 +230,9 @@ def main() -> None:
         results["levels"].append({key: level, "requests": n})
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, base_url = start_server(server_args, args.threads, Path(tmp) / "server.log")
+        proc, base_url = start_server(
+            server_args, threads=args.threads, log=Path(tmp) / "server.log"
+        )
         try:
             warm = make_mix(2, (8, 8), (4, 4), vocab, seed=-1)
             asyncio.run(http_level(base_url, warm, 2, proc.pid))

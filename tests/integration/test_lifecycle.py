@@ -7,14 +7,14 @@ import json
 import logging
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.integration.conftest import LiveServer, free_port, metric, sse_events
+from tests.integration.conftest import LiveServer, metric, sse_events
+from tests.server_process import start_server
 
 LONG = {"max_new_tokens": 900, "ignore_eos": True}
 
@@ -145,22 +145,8 @@ def test_request_id_header(client: httpx.Client) -> None:
 
 
 def _serve(model: str, grace: float) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    args = [sys.executable, "-m", "app.cli", "--port", str(port), "--model", model]
-    args += ["--num-kv-blocks", "128", "--shutdown-grace-seconds", str(grace)]
-    args += ["--log-level", "warning"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-    proc.kill()
-    raise AssertionError("server did not start")
+    args = ["--model", model, "--num-kv-blocks", "128", "--shutdown-grace-seconds", str(grace)]
+    return start_server([*args, "--log-level", "warning"], timeout=120)
 
 
 def test_sigterm_drains_then_cuts_then_exits(live_server: LiveServer) -> None:

@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import random
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.mixed_requests import build_case, run_case
+from tests.server_process import ServerStartError, start_server
 from tests.soak.report import Record, Sample, build_report, summary_text, write_outputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,34 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "app.cli", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--log-level", "warning"]  # otherwise the defaults: what a deployment runs
+def server_args(args: argparse.Namespace) -> list[str]:
+    cmd = ["--log-level", "warning"]  # otherwise the defaults: what a deployment runs
     if args.model:
         cmd += ["--model", args.model]
     if args.num_kv_blocks:
         cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited during start-up (status {proc.returncode})")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server was not ready within 300 s")
+    return cmd
 
 
 def rss_mib(pid: int) -> float:
@@ -158,7 +136,10 @@ def settle(url: str, timeout: float = 120.0) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    proc, url = start_server(args)
+    try:
+        proc, url = start_server(server_args(args))
+    except ServerStartError as exc:
+        raise SystemExit(str(exc)) from exc
     try:
         records, samples, duration = asyncio.run(drive(url, proc.pid, args))
         m = settle(url)
