@@ -196,16 +196,16 @@ def main() -> None:
     t_build = timeit(lambda: build_step_input(seqs, B, "cpu", decode_batch_tokens=cap), 50)
 
     x = torch.randn(args.seqs, 768)
-    layers = list(model.h)
+    linears = model.linears()  # the forward's own matmul backend (app/modeling/linear.py)
+    print(f"matmul backend: {linears.backend}")
 
     @torch.inference_mode()
     def linear_only():
-        for blk in layers:
-            torch.addmm(blk.attn.c_attn.bias, x, blk.attn.c_attn.weight)
-            torch.addmm(blk.attn.c_proj.bias, x, blk.attn.c_proj.weight)
-            h = torch.addmm(blk.mlp.c_fc.bias, x, blk.mlp.c_fc.weight)
-            torch.addmm(blk.mlp.c_proj.bias, h, blk.mlp.c_proj.weight)
-        F.linear(x, model.lm_head.weight)
+        for blk in linears.blocks:
+            blk.qkv(x)
+            blk.attn_proj(x)
+            blk.mlp_proj(blk.fc(x))
+        linears.lm_head(x)
 
     t_fwd, t_lin = interleaved([lambda: model(step, kv), linear_only], args.repeat)
 
