@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         "(faster; one extra copy of the weights), torch's own matmul elsewhere; aten = always "
         "torch's own (bit-identical to transformers).",
     )
+    quantize: Literal["none", "int8"] = Field(
+        default="none",
+        description="int8: every matmul (LM head included) in dynamic int8 (weights per "
+        "channel, activations per call; fbgemm); faster decode on CPU, slightly different "
+        "logits (lossy). float32 on CPU only: anything else fails at start-up.",
+    )
     max_num_seqs: int = Field(
         default=256, ge=1, description="Most sequences (beams included) in one step's batch."
     )
@@ -74,6 +80,12 @@ class Settings(BaseSettings):
         description="On CUDA without --num-kv-blocks / --kv-cache-memory-gb: the share of GPU "
         "memory the server may use; the KV cache gets what the weights and a profiled "
         "largest step leave of it.",
+    )
+    enforce_eager: bool = Field(
+        default=False,
+        description="CUDA: do not capture CUDA graphs of decode steps (every step runs "
+        "eagerly; saves the graphs' memory and start-up time, costs per-step launch "
+        "overhead). No effect on CPU.",
     )
     enable_prefix_caching: bool = Field(default=True, description="Share KV of equal prefixes.")
     max_input_tokens: int | None = Field(

@@ -27,6 +27,11 @@ except the per-step batch size histogram, which is observed after every engine s
 | kogpt_spec_draft_tokens_total | counter | | speculative (prompt-lookup) tokens verified |
 | kogpt_spec_accepted_tokens_total | counter | | of which accepted (equal to plain decoding's) |
 | kogpt_batch_size | histogram | | sequences per engine step |
+| kogpt_step_device_busy_seconds | histogram | | device time of a step's forward |
+| kogpt_step_device_idle_seconds | histogram | | device idle before a forward, requests running |
+| kogpt_step_host_seconds | histogram | | host time between forwards, requests running |
+| kogpt_device_busy_seconds / _idle_seconds | counter | | their sums (app/engine/step_timing.py) |
+| kogpt_device_idle_ratio | gauge | | idle / (idle + busy) device time so far |
 | kogpt_draining | gauge | | 1 while shutting down |
 """
 
@@ -35,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -48,6 +53,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+if TYPE_CHECKING:
+    from app.engine.step_timing import StepTiming
+
 logger = logging.getLogger("kogpt.metrics")
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -55,6 +63,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -72,6 +81,19 @@ ENGINE_SERIES = (
     ("kogpt_spec_draft_tokens", "counter", "Speculative tokens verified.", "spec_draft_tokens"),
     ("kogpt_spec_accepted_tokens", "counter", "Drafts accepted.", "spec_accepted_tokens"),
     ("kogpt_draining", "gauge", "1 while the server drains.", "draining"),
+    ("kogpt_device_busy_seconds", "counter", "Device time in forwards.", "device_busy_seconds"),
+    (
+        "kogpt_device_idle_seconds",
+        "counter",
+        "Device idle time between forwards while requests ran.",
+        "device_idle_seconds",
+    ),
+    (
+        "kogpt_device_idle_ratio",
+        "gauge",
+        "Idle / (idle + busy) device time between and in forwards.",
+        "device_idle_ratio",
+    ),
 )
 
 
@@ -161,6 +183,27 @@ class ServerMetrics:
             buckets=BATCH_BUCKETS,
             registry=reg,
         )
+        self.step_busy = Histogram(
+            "kogpt_step_device_busy_seconds",
+            "Device time of each engine step's forward.",
+            ["model"],
+            buckets=STEP_BUCKETS,
+            registry=reg,
+        )
+        self.step_idle = Histogram(
+            "kogpt_step_device_idle_seconds",
+            "Device idle time before each forward while requests were running.",
+            ["model"],
+            buckets=STEP_BUCKETS,
+            registry=reg,
+        )
+        self.step_host = Histogram(
+            "kogpt_step_host_seconds",
+            "Host time between consecutive forwards while requests were running.",
+            ["model"],
+            buckets=STEP_BUCKETS,
+            registry=reg,
+        )
         self._engine_collector: EngineCollector | None = None
         with contextlib.suppress(Exception):  # platforms without /proc
             ProcessCollector(registry=reg)
@@ -173,6 +216,14 @@ class ServerMetrics:
         self._engine_collector = EngineCollector(self.model, async_engine)
         self.registry.register(self._engine_collector)
         async_engine.engine.step_observers.append(self.batch_size.labels(self.model).observe)
+        async_engine.engine.runner.step_timer.observers.append(self.observe_step_timing)
+
+    def observe_step_timing(self, timing: StepTiming) -> None:
+        self.step_busy.labels(self.model).observe(timing.device_busy)
+        if timing.device_idle is not None:
+            self.step_idle.labels(self.model).observe(timing.device_idle)
+        if timing.host is not None:
+            self.step_host.labels(self.model).observe(timing.host)
 
     # -- HTTP side --------------------------------------------------------------------------
     def observe_http(self, endpoint: str, status: int, seconds: float) -> None:

@@ -72,13 +72,16 @@ def build_state(settings: Settings) -> ServerState:
                 enable_prefix_caching=settings.enable_prefix_caching,
                 seed=settings.seed,
                 linear_backend=settings.linear_backend,
+                quantize=settings.quantize,
+                enforce_eager=settings.enforce_eager,
             ),
             draft_model=draft.model if draft else None,
         )
     except torch.OutOfMemoryError as exc:
         raise KVSizingError(
-            f"out of device memory allocating {sizing.describe()}: lower "
-            "--gpu-memory-utilization, --kv-cache-memory-gb or --num-kv-blocks"
+            f"out of device memory allocating {sizing.describe()} or capturing the decode "
+            "CUDA graphs: lower --gpu-memory-utilization, --kv-cache-memory-gb or "
+            "--num-kv-blocks, or set --enforce-eager"
         ) from exc
     async_engine = AsyncEngine(engine, settings.max_waiting_requests)
     n_positions = int(config.n_positions)
@@ -127,6 +130,7 @@ def info_dict(state: ServerState) -> dict[str, Any]:
         "device": str(state.loaded.device),
         "dtype": str(state.loaded.dtype).removeprefix("torch."),
         "linear_backend": engine.runner.model.linears().backend,
+        "decode_cuda_graphs": engine.runner.num_decode_graphs,  # 0: every step eager
         "config": {
             "n_layer": cfg.n_layer,
             "n_embd": cfg.n_embd,

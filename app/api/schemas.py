@@ -271,7 +271,9 @@ class InfoResponse(BaseModel):
     router: str = "kogpt-serve"
     device: str
     dtype: str
-    linear_backend: str = Field(description="Matmul backend in use: aten or mkldnn.")
+    linear_backend: str = Field(
+        description="Matmul backend in use: aten, mkldnn or int8-fbgemm (--quantize int8)."
+    )
     config: dict[str, Any]
     max_input_tokens: int
     max_input_length: int = Field(description="TGI's name for max_input_tokens.")

@@ -29,7 +29,7 @@ from app.engine.sampling_params import SamplingParams
 from app.engine.scheduler import Scheduler, SchedulerConfig
 from app.engine.spec_decode import SpecDecoder, first_logits_rows
 from app.engine.stop import StopChecker, StopStringTextFilter, token_bytes_table
-from app.modeling.linear import LinearBackend
+from app.modeling.linear import LinearBackend, Quantize
 
 logger = logging.getLogger("kogpt.engine")
 
@@ -43,6 +43,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     linear_backend: LinearBackend = "auto"  # app/modeling/linear.py
+    quantize: Quantize = "none"  # "int8": dynamic int8 matmuls (float32 on CPU only)
+    enforce_eager: bool = False  # never capture CUDA graphs of decode steps
+    static_decode: bool | None = None  # padded decode: None = with graphs; True on CPU: tests
 
 
 @dataclass
@@ -98,7 +101,14 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.runner = ModelRunner(
-            hf_model, config.num_blocks, config.block_size, config.linear_backend
+            hf_model,
+            config.num_blocks,
+            config.block_size,
+            config.linear_backend,
+            quantize=config.quantize,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+            static_decode=config.static_decode,
         )
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -190,6 +200,8 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        # Requests running before the step: the time since the last forward was host work.
+        self.runner.step_timer.begin_step(continuing=self.scheduler.num_running > 0)
         sched = self.scheduler.schedule()
         self.num_steps += 1
         self.last_batch_size = len(sched.seqs)
@@ -385,4 +397,7 @@ class LLMEngine:
             "spec_draft_tokens": self.spec.num_draft_tokens,
             "spec_accepted_tokens": self.spec.num_accepted_tokens,
             "last_batch_size": self.last_batch_size,
+            "device_busy_seconds": self.runner.step_timer.busy_seconds,
+            "device_idle_seconds": self.runner.step_timer.idle_seconds,
+            "device_idle_ratio": self.runner.step_timer.idle_ratio,
         }

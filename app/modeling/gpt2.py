@@ -8,7 +8,8 @@ the rows whose logits are needed. It follows HF's arithmetic op for op (Conv1D a
 ``addmm(bias, x, W)``, layer norms, residual order, SDPA attention, the configured
 activation: ACT2FN's, or for gelu_new an equal but faster formula), so logits match
 ``GPT2LMHeadModel`` to rounding (~1e-15 in float64, ~1e-5 in float32). The matmuls go through
-app/modeling/linear.py: HF's own ops, or on a float32 CPU oneDNN with prepacked weights.
+app/modeling/linear.py: HF's own ops, or on a float32 CPU oneDNN with prepacked weights
+(or, with quantize=int8, dynamic int8 matmuls: logits then differ beyond rounding).
 
 Per step, ``plan()`` builds every buffer and view the layers share (tests and the
 micro-benchmark call ``plan``/``attention`` directly); per layer, ``attention()`` writes the
@@ -19,6 +20,7 @@ new k/v into their slots, gathers the contexts block by block and runs SDPA per 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from app.modeling.attention_metadata import DecodeBatch, PrefillChunk, StepInput
-from app.modeling.linear import GPT2Linears, LinearBackend, build_linears
+from app.modeling.linear import GPT2Linears, LinearBackend, Quantize, build_linears
 
 _GELU_C = 2.0 * math.sqrt(2.0 / math.pi)
 
@@ -161,7 +163,12 @@ class AttentionPlan:
 
 
 class PagedGPT2(nn.Module):
-    def __init__(self, model: nn.Module, linear_backend: LinearBackend = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        linear_backend: LinearBackend = "auto",
+        quantize: Quantize = "none",
+    ) -> None:
         super().__init__()
         config = model.config
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
@@ -194,12 +201,15 @@ class PagedGPT2(nn.Module):
         self.n_positions = config.n_positions
         self._ws = _Workspace()
         self.linear_backend = linear_backend
+        self.quantize = quantize  # int8: dynamic int8 matmuls (linear.py), float32 CPU only
         self._linears: GPT2Linears | None = None
         self._linears_key: tuple | None = None
 
     @classmethod
-    def from_hf(cls, model: nn.Module, linear_backend: LinearBackend = "auto") -> PagedGPT2:
-        return cls(model, linear_backend).eval()
+    def from_hf(
+        cls, model: nn.Module, linear_backend: LinearBackend = "auto", quantize: Quantize = "none"
+    ) -> PagedGPT2:
+        return cls(model, linear_backend, quantize).eval()
 
     def linears(self) -> GPT2Linears:
         """The matmuls (app/modeling/linear.py), built on first use and again whenever the
@@ -207,7 +217,7 @@ class PagedGPT2(nn.Module):
         key = (self.device, self.dtype, self.wte.weight.data_ptr())
         if self._linears is None or self._linears_key != key:
             self._linears = build_linears(
-                self.h, self.lm_head, self.linear_backend, self.device, self.dtype
+                self.h, self.lm_head, self.linear_backend, self.device, self.dtype, self.quantize
             )
             self._linears_key = key
         return self._linears
@@ -230,25 +240,45 @@ class PagedGPT2(nn.Module):
         if step.max_position >= self.n_positions:
             raise ValueError(f"position {step.max_position} >= n_positions {self.n_positions}")
 
-        T, E = step.num_tokens, self.n_embd
-        linears = self.linears()
         plan = self.plan(step)
-        hidden = F.embedding(step.input_ids, self.wte.weight) + F.embedding(
-            step.positions, self.wpe.weight
+        hidden = self.run_layers(
+            self.embed(step.input_ids, step.positions),
+            plan.qkv,
+            plan.out,
+            lambda i: self.attention(plan, kv_cache.keys[i], kv_cache.values[i], step),
         )
-        for i, (block, lin) in enumerate(zip(self.h, linears.blocks, strict=True)):
+        # ln_f and the LM head (the largest matmul) only for rows whose logits are used.
+        return self.head(hidden.index_select(0, step.logits_indices))
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.wte.weight) + F.embedding(positions, self.wpe.weight)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        qkv: torch.Tensor,
+        attn_out: torch.Tensor,
+        attend: Callable[[int], None],
+    ) -> torch.Tensor:
+        """The transformer blocks over ``hidden`` [T, n_embd]. Each layer writes its q/k/v
+        into ``qkv`` [T, 3 * n_embd]; ``attend(i)`` turns them into ``attn_out`` [T, H, hd].
+        Shared by this forward and the fixed-shape decode (app/modeling/static_decode.py)."""
+        T, E = hidden.shape
+        for i, (block, lin) in enumerate(zip(self.h, self.linears().blocks, strict=True)):
             x = F.layer_norm(hidden, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
-            lin.qkv(x, out=plan.qkv)  # the views of plan.qkv are this layer's q/k/v
-            self.attention(plan, kv_cache.keys[i], kv_cache.values[i], step)
-            hidden = hidden + lin.attn_proj(plan.out.view(T, E))
+            lin.qkv(x, out=qkv)  # the caller's views of qkv are this layer's q/k/v
+            attend(i)
+            hidden = hidden + lin.attn_proj(attn_out.view(T, E))
             x = F.layer_norm(hidden, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
             x = self.act(lin.fc(x))
             hidden = hidden + lin.mlp_proj(x)
+        return hidden
 
-        # ln_f and the LM head (the largest matmul) only for rows whose logits are used.
-        hidden = hidden.index_select(0, step.logits_indices)
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """ln_f and the LM head: logits [rows, vocab] in the model's dtype."""
+        E = self.n_embd
         hidden = F.layer_norm(hidden, (E,), self.ln_f.weight, self.ln_f.bias, self.eps)
-        return linears.lm_head(hidden)
+        return self.linears().lm_head(hidden)
 
     def _additive(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         # SDPA turns a bool mask into an additive one on every call; do it once per step.

@@ -6,6 +6,11 @@ torch (CUDA context, other processes) and the activation peak of a profiling ste
 largest batch (`max_num_batched_tokens` prompt tokens, `max_num_seqs` logits rows and their
 float32 sampler copies), as vLLM does. On CPU the default is CPU_DEFAULT_KV_GIB. The count is
 capped at what `max_num_seqs` full-length sequences can use, and must hold one of them.
+
+Where decode steps run as CUDA graphs (CUDA without `--enforce-eager`), the graphs' memory
+comes out of the same budget before the KV pool: the padded decode's static buffers, its
+scratch KV block and the activations of its largest shape, profiled by running that shape
+eagerly (the graphs share one pool, captured largest first, so the largest one sets its size).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from app.modeling.attention_metadata import SeqChunk, build_step_input
+from app.modeling.cuda_graphs import DecodeGraphs
 from app.modeling.gpt2 import KVCache, PagedGPT2
 
 CPU_DEFAULT_KV_GIB = 2.0  # default KV pool on CPU hosts when nothing is configured
@@ -71,6 +77,7 @@ class KVSizing:
     weights: int | None = None
     activation_peak: int | None = None
     non_torch: int | None = None
+    decode_graphs: int | None = None  # CUDA graphs' buffers, scratch block and pool
 
     @property
     def kv_bytes(self) -> int:
@@ -89,6 +96,8 @@ class KVSizing:
                 f"activation peak {self.activation_peak / GIB:.2f}, "  # type: ignore[operator]
                 f"outside torch {self.non_torch / GIB:.2f} GiB"  # type: ignore[operator]
             )
+        if self.decode_graphs is not None:
+            text += f"; decode graphs {self.decode_graphs / GIB:.2f} GiB"
         return text
 
 
@@ -142,6 +151,24 @@ def activation_peak_bytes(
     return max(0, peak - base - kv_bytes)
 
 
+def decode_graph_bytes(
+    model: PagedGPT2, memory: DeviceMemory, max_seqs: int, block_size: int
+) -> int:
+    """Bytes the decode graphs keep: the padded decode's static buffers and scratch block,
+    and the activation peak of its largest shape (the shared graph pool's size), profiled
+    by running that shape eagerly over a one-block cache (the scratch block itself)."""
+    memory.reset_peak()
+    base = memory.memory_allocated()
+    kv = KVCache.allocate(model.config, 1, block_size, model.dtype, model.device)
+    graphs = DecodeGraphs(model, kv, max_seqs, scratch_block=0)
+    largest = graphs.shapes[0]
+    graphs.run(largest, graphs.prepare([], largest))  # padding rows only
+    peak = memory.max_memory_allocated()
+    del kv, graphs
+    memory.reset_peak()
+    return max(0, peak - base)
+
+
 def size_from_gpu(
     model: PagedGPT2,
     memory: DeviceMemory,
@@ -152,31 +179,41 @@ def size_from_gpu(
     block_size: int,
     min_blocks: int,
     max_blocks: int,
+    decode_graphs: bool = False,
 ) -> KVSizing:
     weights = memory.memory_allocated()
     peak = activation_peak_bytes(model, memory, max_tokens, max_seqs, block_size)
+    graphs = decode_graph_bytes(model, memory, max_seqs, block_size) if decode_graphs else None
     free, total = memory.mem_get_info()
     non_torch = max(0, total - free - memory.memory_reserved())
-    budget = int(total * utilization) - weights - peak - non_torch
-    blocks = blocks_for_budget(
-        budget,
-        bytes_per_block,
-        min_blocks,
-        max_blocks,
-        f"weights take {weights / GIB:.2f} GiB and a {max_tokens}-token step "
-        f"{peak / GIB:.2f} GiB of {total / GIB:.1f} GiB: raise --gpu-memory-utilization "
-        f"(now {utilization}), lower --max-num-batched-tokens, or set --num-kv-blocks",
+    budget = int(total * utilization) - weights - peak - (graphs or 0) - non_torch
+    used = (
+        f"weights take {weights / GIB:.2f} GiB and a {max_tokens}-token step {peak / GIB:.2f} GiB"
     )
+    fixes = f"raise --gpu-memory-utilization (now {utilization}), lower --max-num-batched-tokens"
+    if graphs is not None:
+        used += f", decode graphs {graphs / GIB:.2f} GiB"
+        fixes += ", lower --max-num-seqs, set --enforce-eager"
+    hint = f"{used} of {total / GIB:.1f} GiB: {fixes}, or set --num-kv-blocks"
+    blocks = blocks_for_budget(budget, bytes_per_block, min_blocks, max_blocks, hint)
     return KVSizing(
-        blocks, "gpu_memory_utilization", bytes_per_block, total, weights, peak, non_torch
+        blocks, "gpu_memory_utilization", bytes_per_block, total, weights, peak, non_torch, graphs
     )
 
 
 def resolve_kv_sizing(
-    settings: Any, model: PagedGPT2, memory: DeviceMemory | None = None
+    settings: Any,
+    model: PagedGPT2,
+    memory: DeviceMemory | None = None,
+    decode_graphs: bool | None = None,
 ) -> KVSizing:
-    """The pool size for these settings; `memory` defaults to CudaMemory on a CUDA model."""
+    """The pool size for these settings; `memory` defaults to CudaMemory on a CUDA model,
+    `decode_graphs` (whether decode steps will run as CUDA graphs) to CUDA without
+    --enforce-eager. An explicit --num-kv-blocks gets the graphs' scratch block on top."""
     config = model.config
+    if decode_graphs is None:
+        eager = bool(getattr(settings, "enforce_eager", False))
+        decode_graphs = model.device.type == "cuda" and not eager
     per_block = KVCache.block_bytes(config, settings.block_size, model.dtype)
     min_blocks = -(-int(config.n_positions) // settings.block_size)
     max_blocks = settings.max_num_seqs * min_blocks
@@ -190,7 +227,8 @@ def resolve_kv_sizing(
         )
         return KVSizing(blocks, "num_kv_blocks", per_block)
     if settings.kv_cache_memory_gb is not None:
-        budget = int(settings.kv_cache_memory_gb * GIB)
+        # the padded decode's scratch block comes out of the configured size
+        budget = int(settings.kv_cache_memory_gb * GIB) - (per_block if decode_graphs else 0)
         hint = "raise --kv-cache-memory-gb"
         blocks = blocks_for_budget(budget, per_block, min_blocks, max_blocks, hint)
         return KVSizing(blocks, "kv_cache_memory_gb", per_block)
@@ -207,6 +245,7 @@ def resolve_kv_sizing(
             settings.block_size,
             min_blocks,
             max_blocks,
+            decode_graphs,
         )
     budget = int(CPU_DEFAULT_KV_GIB * GIB)
     hint = "raise --kv-cache-memory-gb"

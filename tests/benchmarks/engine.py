@@ -1,7 +1,8 @@
 """In-engine throughput benchmark (a script, never a test): `python -m tests.benchmarks.engine`.
 
 Same prompts, same run, greedy, fixed output length. For each concurrency it measures:
-- this engine (continuous batching over the paged KV cache);
+- this engine (continuous batching over the paged KV cache), and the same with
+  quantize=int8 (dynamic int8 matmuls, side by side with CTranslate2 int8);
 - transformers `generate` one request at a time (sequential);
 - transformers `generate` on one static, left-padded batch;
 - transformers continuous batching (`generate_batch`);
@@ -26,7 +27,7 @@ from transformers import GenerationConfig, GPT2LMHeadModel
 
 from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.sampling_params import SamplingParams
-from app.modeling.linear import LinearBackend, build_linears
+from app.modeling.linear import LinearBackend, Quantize, build_linears
 from app.modeling.loader import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,7 @@ def bench_engine(
     options: list[dict[str, Any]] | None = None,
     token_ids: dict[str, list[int]] | None = None,
     linear_backend: LinearBackend = "auto",
+    quantize: Quantize = "none",
 ) -> dict[str, float]:
     """Throughput of our engine; `token_ids`, when given, receives each request's output."""
     block_size = 16
@@ -59,6 +61,7 @@ def bench_engine(
             max_num_seqs=max(256, len(prompts)),
             max_num_batched_tokens=2048,
             linear_backend=linear_backend,
+            quantize=quantize,
         ),
     )
     for i, prompt in enumerate(prompts):
@@ -208,7 +211,7 @@ def main() -> None:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma list of: sequential,static,continuous,bound,options,ct2,aten",
+        help="comma list of: sequential,static,continuous,bound,options,ct2,aten,int8",
     )
     parser.add_argument(
         "--linear-backend",
@@ -273,6 +276,10 @@ def main() -> None:
             # The same engine on torch's own matmuls: what the prepacked backend buys.
             systems["kogpt-serve (aten matmuls)"] = bench_engine(
                 model, loaded.tokenizer, prompts, args.new_tokens, linear_backend="aten"
+            )
+        if "int8" not in skip:  # app/modeling/linear.py's Int8Dynamic: lossy, like ct2 int8
+            systems["kogpt-serve int8"] = bench_engine(
+                model, loaded.tokenizer, prompts, args.new_tokens, quantize="int8"
             )
         extra: dict[str, Any] = {}
         for quantization, (generator, ct2_vocab) in ct2.items():

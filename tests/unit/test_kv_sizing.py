@@ -109,3 +109,28 @@ def test_profile_step_covers_the_largest_batch(tokens: int, seqs: int) -> None:
     blocks = [b for c in chunks for b in c.block_table]
     assert sorted(blocks) == list(range(len(blocks)))  # disjoint, dense
     assert all(len(c.block_table) * 16 >= len(c.token_ids) for c in chunks)
+
+
+def test_decode_graphs_and_scratch_block_come_out_of_the_budget(
+    tiny_model: GPT2LMHeadModel,
+) -> None:
+    block = per_block(tiny_model)
+    weights, activation, outside, total = 100 * block, 30 * block, 50 * block, 600 * block
+    memory = FakeMemory(
+        total, total - outside - 200 * block, 200 * block, weights, weights + activation
+    )
+    s = settings(gpu_memory_utilization=0.5, max_num_seqs=1000)
+    paged = PagedGPT2.from_hf(tiny_model)
+    plain = resolve_kv_sizing(s, paged, memory)  # a CPU model: no graphs unless asked
+    assert plain.decode_graphs is None and plain.num_blocks == 300 - 100 - 30 - 50
+    graphs = resolve_kv_sizing(s, paged, memory, decode_graphs=True)
+    # The fake reports one peak for every profile: the graphs' profile reads as `activation`
+    # (their buffers, the scratch block and the largest padded step, beyond the weights).
+    assert graphs.decode_graphs == activation
+    assert graphs.num_blocks == plain.num_blocks - 30
+    assert "decode graphs" in graphs.describe()
+    with pytest.raises(KVSizingError, match="--enforce-eager"):
+        resolve_kv_sizing(settings(gpu_memory_utilization=0.3), paged, memory, decode_graphs=True)
+    gb = 20 * block / GIB
+    sized = resolve_kv_sizing(settings(kv_cache_memory_gb=gb), paged, decode_graphs=True)
+    assert sized.num_blocks == 19  # the scratch block is inside the configured size
