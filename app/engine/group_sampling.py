@@ -67,8 +67,7 @@ def sample_groups(
     one so the failing one is isolated (recorded in `failed`). Dummy rows are dropped."""
     if not plain:
         return []
-    padded = torch.cat([logits, logits.new_zeros(1, logits.shape[1])])
-    dummy = logits.shape[0]
+    dummy = logits.shape[0]  # the index of a zero row appended when a dummy row needs it
     built = []
     for state, rows in plain:
         try:
@@ -77,12 +76,12 @@ def sample_groups(
             failed[state.request.request_id] = err
     chunks: list[list[tuple[Any, ...]]] = [built]
     try:
-        results = [sample_chunk(sampler, padded, built)]
+        results = [sample_chunk(sampler, logits, built)]
     except Exception:
         chunks, results = [], []
         for one in built:
             try:
-                results.append(sample_chunk(sampler, padded, [one]))
+                results.append(sample_chunk(sampler, logits, [one]))
                 chunks.append([one])
             except Exception as err:
                 failed[one[0].request.request_id] = err
@@ -97,11 +96,16 @@ def sample_groups(
 
 
 def sample_chunk(
-    sampler: Sampler, padded: torch.Tensor, chunk: list[tuple[Any, ...]]
+    sampler: Sampler, logits: torch.Tensor, chunk: list[tuple[Any, ...]]
 ) -> list[Pick]:
     rows = [r for _state, _seqs, sampler_rows, _lr in chunk for r in sampler_rows]
     index = [i for *_rest, logit_rows in chunk for i in logit_rows]
-    picked = padded.index_select(0, torch.tensor(index, device=padded.device))
+    if index == list(range(logits.shape[0])):
+        picked = logits  # the sampler copies before it changes anything
+    else:
+        if logits.shape[0] in index:  # a dummy row: zeros
+            logits = torch.cat([logits, logits.new_zeros(1, logits.shape[1])])
+        picked = logits.index_select(0, torch.tensor(index, device=logits.device))
     res = sampler.sample(picked, rows)
     n = len(res.token_ids)
     top_ids = res.top_token_ids or [[] for _ in range(n)]

@@ -31,9 +31,10 @@ def _col(values: list[float], like: torch.Tensor) -> torch.Tensor:
 def _apply(
     scores: torch.Tensor, members: list[int], fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> None:
-    """scores[members] = fn(scores[members]) without a copy when members are all the rows."""
-    if len(members) == scores.shape[0]:
-        scores.copy_(fn(scores))
+    """scores[members] = fn(scores[members]); consecutive members work on a view (no gather)."""
+    if members == list(range(members[0], members[0] + len(members))):
+        view = scores[members[0] : members[0] + len(members)]
+        view.copy_(fn(view))
     else:
         idx = torch.tensor(members, device=scores.device)
         scores[idx] = fn(scores[idx])
@@ -96,7 +97,10 @@ def _top_p_short(sub: torch.Tensor, top_p: list[float]) -> torch.Tensor | None:
     width as the full sorted row, so the vectorized softmax sums the same terms in the same
     lanes and order: the same bits (tests/unit/test_sampler.py compares with TopPLogitsWarper).
     Ties among finite values would expose the unstable sort's order: those take the full path.
+    CPU only: CUDA's softmax reduces in an order that depends on the row's length.
     """
+    if sub.device.type != "cpu":
+        return None
     vocab = sub.shape[-1]
     m = int((sub != _NEG_INF).sum(dim=-1).max())
     if m == 0 or 4 * m > vocab:

@@ -1,17 +1,22 @@
-"""Seeded rows' draws: what `torch.multinomial(probs[1, V], 1, generator=g)` does, batched.
+"""Multinomial's noise for a step's sampling rows, filled ahead of the logits, and its draws.
 
 For one sample, torch's multinomial is `argmax(p / q)` with `q = empty_like(p).exponential_(1,
-g)` (the Gumbel trick, aten/src/ATen/native/Distributions.cpp). Filling q is nearly all of
-its cost (V serial draws from the generator). Requests have their own generators, so on CPU
-the fills of different generators run in a small thread pool (torch releases the GIL), then
-one batched divide + argmax picks every row's token. Rows whose probabilities are invalid go
-through `torch.multinomial` itself, so they fail with its error, as `model.generate` would.
+g)` (the Gumbel trick, aten/src/ATen/native/Distributions.cpp), after checking p. Filling q
+is nearly all of its cost (V serial draws from the generator), and q depends on the
+generator only, not on the logits. So `NoiseFills` starts the fills as soon as the step's
+sampling rows are known: on CPU in a small thread pool (torch releases the GIL), one task
+per generator, overlapping the logits processing. Rows sharing a generator (unseeded rows on
+the engine's generator, a request's n > 1 siblings) fill one block in row order, in one
+call: the numbers one batched multinomial over those rows would use. If the sampler call
+fails, `rewind` puts every generator back where it was, as multinomial raises before it
+draws; a retry then draws the same numbers. Rows whose probabilities are invalid fail with
+multinomial's own error (`check_probs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -27,38 +32,111 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
-def _valid(probs: torch.Tensor) -> bool:
-    """multinomial's own checks: finite, non-negative, and no row summing to zero."""
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator `generator=None` means on this device (torch.manual_seed's)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()
+        ]
+    return torch.default_generator
+
+
+class NoiseFills:
+    """Exponential noise [n, V] for n sampling rows, row j drawn from `generators[j]`
+    (None: `shared`, or torch's default generator when that is None too)."""
+
+    def __init__(
+        self,
+        generators: Sequence[torch.Generator | None],
+        shared: torch.Generator | None,
+        vocab: int,
+        device: torch.device,
+    ) -> None:
+        process_default = _default_generator(device)
+        groups: dict[int, list[int]] = {}
+        by_key: dict[int, torch.Generator] = {}
+        for j, gen in enumerate(generators):
+            gen = gen if gen is not None else shared if shared is not None else process_default
+            groups.setdefault(id(gen), []).append(j)
+            by_key[id(gen)] = gen
+        # Noise row of each sampling row: every generator's rows form one block.
+        self.row = [0] * len(generators)
+        self.noise = torch.empty(len(generators), vocab, dtype=torch.float32, device=device)
+        self._states = [(gen, gen.get_state()) for gen in by_key.values()]
+        self._tasks: list[Future[None]] = []
+        self._deferred: list[tuple[torch.Generator, int, int]] = []
+        self._zero = torch.empty(len(generators), dtype=torch.bool, device=device)
+        start = 0
+        for key, members in groups.items():
+            for offset, j in enumerate(members):
+                self.row[j] = start + offset
+            gen = by_key[key]
+            if device.type != "cpu":  # asynchronous kernels already
+                self._fill(gen, start, len(members))
+            elif gen is process_default:  # shared with other code: filled in this thread
+                self._deferred.append((gen, start, len(members)))
+            else:
+                self._tasks.append(_executor().submit(self._fill, gen, start, len(members)))
+            start += len(members)
+
+    def _fill(self, gen: torch.Generator, start: int, count: int) -> None:
+        block = self.noise[start : start + count].exponential_(1.0, generator=gen)
+        self._zero[start : start + count] = block.amin(dim=-1) == 0  # -0.0 included
+
+    def tensor(self) -> torch.Tensor:
+        """The noise, once every fill is done."""
+        for task in self._tasks:
+            task.result()
+        self._tasks = []
+        for gen, start, count in self._deferred:
+            self._fill(gen, start, count)
+        self._deferred = []
+        return self.noise
+
+    def zero_rows(self) -> torch.Tensor:
+        """[n] whether a noise row holds an exact 0 (probability ~2^-53 per value)."""
+        self.tensor()
+        return self._zero
+
+    def rows(self, members: Sequence[int]) -> torch.Tensor:
+        """The noise rows of these sampling rows, [len(members), V]."""
+        noise = self.tensor()
+        index = [self.row[j] for j in members]
+        if not index or index == list(range(index[0], index[0] + len(index))):
+            return noise[index[0] if index else 0 :][: len(index)]
+        return noise.index_select(0, torch.tensor(index, device=noise.device))
+
+    def rewind(self) -> None:
+        """Every generator back to its state before the fills (the call failed)."""
+        for task in self._tasks:
+            task.exception()  # waits; a failed fill changes nothing more
+        self._tasks = []
+        self._deferred = []
+        for gen, state in self._states:
+            gen.set_state(state)
+
+
+def check_probs(probs: torch.Tensor) -> None:
+    """Raise multinomial's error if a row is not a valid distribution (finite, >= 0, sum > 0)."""
+    if probs.numel() == 0:
+        return
     ok = (probs.max() < float("inf")) & (probs.min() >= 0) & ~(probs.sum(1) == 0).any()
-    return bool(ok)
+    if bool(ok):
+        return
+    for j in range(probs.shape[0]):
+        torch.multinomial(probs[j : j + 1], 1)  # raises for the first invalid row
+    raise RuntimeError("invalid multinomial distribution")  # unreachable: one row raised
+
+
+def gumbel_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """multinomial(probs, 1) given its noise: argmax(p / q) per row."""
+    return torch.argmax(probs / noise, dim=-1)
 
 
 def draw_seeded(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One token per row of `probs` [n, V], row j drawn with `generators[j]` alone."""
     if len(generators) != probs.shape[0]:
         raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
-    if not _valid(probs):
-        return torch.stack(
-            [
-                torch.multinomial(probs[j : j + 1], 1, generator=g)[0, 0]
-                for j, g in enumerate(generators)
-            ]
-        )
-    noise = torch.empty_like(probs)
-    # Rows sharing a generator (a request's n > 1 siblings) fill in row order, one task: their
-    # draws then equal one batched multinomial over those rows, as in generate.
-    members: dict[int, list[int]] = {}
-    for j, g in enumerate(generators):
-        members.setdefault(id(g), []).append(j)
-
-    def fill(rows: list[int]) -> None:
-        for j in rows:
-            noise[j].exponential_(1.0, generator=generators[j])
-
-    if probs.device.type == "cpu" and len(members) > 1:
-        for task in [_executor().submit(fill, rows) for rows in members.values()]:
-            task.result()
-    else:
-        for rows in members.values():
-            fill(rows)
-    return torch.argmax(probs / noise, dim=-1)
+    check_probs(probs)
+    fills = NoiseFills(generators, None, probs.shape[-1], probs.device)
+    return gumbel_argmax(probs, fills.rows(range(len(generators))))
