@@ -397,7 +397,5 @@ class LLMEngine:
             "spec_draft_tokens": self.spec.num_draft_tokens,
             "spec_accepted_tokens": self.spec.num_accepted_tokens,
             "last_batch_size": self.last_batch_size,
-            "device_busy_seconds": self.runner.step_timer.busy_seconds,
-            "device_idle_seconds": self.runner.step_timer.idle_seconds,
-            "device_idle_ratio": self.runner.step_timer.idle_ratio,
+            **self.runner.step_timer.stats(),
         }

@@ -64,6 +64,14 @@ class StepTimer:
         total = self.busy_seconds + self.idle_seconds
         return self.idle_seconds / total if total > 0 else 0.0
 
+    def stats(self) -> dict[str, float]:
+        """Totals for the engine's stats (and /metrics)."""
+        return {
+            "device_busy_seconds": self.busy_seconds,
+            "device_idle_seconds": self.idle_seconds,
+            "device_idle_ratio": self.idle_ratio,
+        }
+
     def begin_step(self, continuing: bool) -> None:
         """At the start of an engine step; ``continuing``: requests were running before it."""
         self._continuing = continuing
