@@ -57,8 +57,10 @@ def build_state(settings: Settings) -> ServerState:
     started = time.monotonic()
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
     config = loaded.config
-    sizing = resolve_kv_sizing(settings, PagedGPT2.from_hf(loaded.model))
-    draft = load_draft_model(settings, loaded)
+    draft = load_draft_model(settings, loaded)  # first: its weights and KV are in the sizing
+    sizing = resolve_kv_sizing(
+        settings, PagedGPT2.from_hf(loaded.model), draft_config=draft.config if draft else None
+    )
     num_blocks = sizing.num_blocks
     try:
         engine = LLMEngine(
@@ -102,8 +104,8 @@ def build_state(settings: Settings) -> ServerState:
 
 def load_draft_model(settings: Settings, loaded: LoadedModel) -> LoadedModel | None:
     """--draft-model: loaded like the model (same device and dtype); its tokenizer must be
-    the model's. Its KV cache has the model's number of blocks (extra memory, not sized by
-    --kv-cache-memory-gb)."""
+    the model's. Its KV cache has the model's number of blocks; the KV sizing counts both
+    caches' bytes per block (--kv-cache-memory-gb and the GPU budget cover the two)."""
     if not settings.draft_model:
         return None
     draft = load_model(settings.draft_model, device=str(loaded.device), dtype=settings.dtype)

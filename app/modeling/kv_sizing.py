@@ -206,15 +206,20 @@ def resolve_kv_sizing(
     model: PagedGPT2,
     memory: DeviceMemory | None = None,
     decode_graphs: bool | None = None,
+    draft_config: Any = None,
 ) -> KVSizing:
     """The pool size for these settings; `memory` defaults to CudaMemory on a CUDA model,
     `decode_graphs` (whether decode steps will run as CUDA graphs) to CUDA without
-    --enforce-eager. An explicit --num-kv-blocks gets the graphs' scratch block on top."""
+    --enforce-eager. An explicit --num-kv-blocks gets the graphs' scratch block on top.
+    With a draft model (`draft_config`, loaded before sizing so its weights are counted)
+    a block costs the draft's KV bytes too: the draft keeps a cache of as many blocks."""
     config = model.config
     if decode_graphs is None:
         eager = bool(getattr(settings, "enforce_eager", False))
         decode_graphs = model.device.type == "cuda" and not eager
     per_block = KVCache.block_bytes(config, settings.block_size, model.dtype)
+    if draft_config is not None:
+        per_block += KVCache.block_bytes(draft_config, settings.block_size, model.dtype)
     min_blocks = -(-int(config.n_positions) // settings.block_size)
     max_blocks = settings.max_num_seqs * min_blocks
     if settings.num_kv_blocks is not None:

@@ -62,6 +62,20 @@ def test_explicit_blocks_and_memory(tiny_model: GPT2LMHeadModel) -> None:
         resolve_kv_sizing(settings(num_kv_blocks=3), paged)  # 128 positions need 8 blocks
 
 
+def test_draft_model_kv_is_counted_per_block(tiny_model: GPT2LMHeadModel) -> None:
+    """With --draft-model both caches hold every block: a block costs both models' bytes."""
+    paged = PagedGPT2.from_hf(tiny_model)
+    draft_config = tiny_model.config.__class__(**{**tiny_model.config.to_dict(), "n_layer": 1})
+    draft_block = KVCache.block_bytes(draft_config, 16, tiny_model.dtype)
+    assert 0 < draft_block < per_block(tiny_model)
+    gb = 20 * per_block(tiny_model) / GIB
+    sized = resolve_kv_sizing(settings(kv_cache_memory_gb=gb), paged, draft_config=draft_config)
+    assert sized.bytes_per_block == per_block(tiny_model) + draft_block
+    assert sized.num_blocks == int(gb * GIB) // (per_block(tiny_model) + draft_block) < 20
+    explicit = resolve_kv_sizing(settings(num_kv_blocks=40), paged, draft_config=draft_config)
+    assert (explicit.num_blocks, explicit.bytes_per_block) == (40, sized.bytes_per_block)
+
+
 def test_cpu_default_is_capped_by_full_length_sequences(tiny_model: GPT2LMHeadModel) -> None:
     sized = resolve_kv_sizing(settings(), PagedGPT2.from_hf(tiny_model))
     full = 8 * (128 // 16)  # max_num_seqs full-length sequences
