@@ -30,6 +30,7 @@ from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.sampling_params import SamplingParams
 from app.modeling.linear import LinearBackend, Quantize, build_linears
 from app.modeling.loader import load_model
+from tests.benchmarks.linear_micro import block_matmuls
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,10 +158,7 @@ def bench_linear_bound(
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            for block in lin.blocks:
-                block.qkv(x)
-                block.attn_proj(x)
-                block.mlp_proj(block.fc(x))
+            block_matmuls(lin, x)
             lin.lm_head(x[:head_rows])
             best = min(best, time.perf_counter() - start)
         return best

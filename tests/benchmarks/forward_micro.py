@@ -37,6 +37,7 @@ from app.modeling.attention_metadata import (
     build_step_input,
 )
 from app.modeling.gpt2 import KVCache, PagedGPT2
+from tests.benchmarks.linear_micro import block_matmuls
 
 
 def timeit(fn, repeat: int, warmup: int = 2) -> float:
@@ -201,10 +202,7 @@ def main() -> None:
 
     @torch.inference_mode()
     def linear_only():
-        for blk in linears.blocks:
-            blk.qkv(x)
-            blk.attn_proj(x)
-            blk.mlp_proj(blk.fc(x))
+        block_matmuls(linears, x)
         linears.lm_head(x)
 
     t_fwd, t_lin = interleaved([lambda: model(step, kv), linear_only], args.repeat)

@@ -39,15 +39,14 @@ def best_of(fns: list[Callable[[], object]], repeat: int) -> list[float]:
     return best
 
 
-def blocks_fn(lin: GPT2Linears, x: torch.Tensor, x4: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        for block in lin.blocks:
-            block.qkv(x)
-            block.attn_proj(x)
-            block.fc(x)
-            block.mlp_proj(x4)
-
-    return run
+def block_matmuls(lin: GPT2Linears, x: torch.Tensor) -> None:
+    """Every layer's matmuls (c_attn, attn c_proj, c_fc, mlp c_proj) on `x` [rows, n_embd],
+    without the attention or elementwise work between them: the "linear-layer bound" of the
+    engine benchmark and forward_micro too."""
+    for block in lin.blocks:
+        block.qkv(x)
+        block.attn_proj(x)
+        block.mlp_proj(block.fc(x))
 
 
 def main() -> None:
@@ -73,7 +72,6 @@ def main() -> None:
         )
         for name in BACKENDS
     }
-    inner = cfg.n_inner or 4 * cfg.n_embd
     print(
         f"{Path(args.model).name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab "
         f"{cfg.vocab_size}; {torch.get_num_threads()} thread(s); best of {args.repeat}, ms"
@@ -83,9 +81,8 @@ def main() -> None:
     with torch.inference_mode():
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, cfg.n_embd, generator=gen)
-            x4 = torch.randn(rows, inner, generator=gen)
             parts = {
-                "blocks": [blocks_fn(linears[b], x, x4) for b in BACKENDS],
+                "blocks": [(lambda lin=linears[b], x=x: block_matmuls(lin, x)) for b in BACKENDS],
                 "lm_head": [(lambda lin=linears[b], x=x: lin.lm_head(x)) for b in BACKENDS],
             }
             for part, fns in parts.items():
