@@ -83,6 +83,15 @@ RUN groupadd --system --gid 10001 kogpt \
     && mkdir -p /models /home/kogpt/.cache/huggingface \
     && chown -R kogpt:kogpt /models /home/kogpt
 
+# A C compiler for the native decode attention (app/modeling/native_attention.py): the kernel
+# is compiled at first start for the host's own CPU (-march=native), so not at build time;
+# into ~/.cache/kogpt-serve (an emptyDir in docker/k8s). Without it, CPU decode attention
+# falls back to torch. The packages follow the base image's Debian point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 COPY --from=deps /opt/venv /opt/venv
 # The embedded default model (changes rarely: before the source so it stays cached).
 COPY models/kogpt2-mini /opt/kogpt/models/kogpt2-mini

@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         "(faster; one extra copy of the weights), torch's own matmul elsewhere; aten = always "
         "torch's own (bit-identical to transformers).",
     )
+    attention_backend: Literal["auto", "native", "torch"] = Field(
+        default="auto",
+        description="Decode attention: auto = a small C kernel that reads the paged KV blocks "
+        "in place for float32 on CPU (compiled once with the system C compiler; falls back "
+        "to torch without one), torch elsewhere; native = require the kernel; torch = block "
+        "gather + SDPA.",
+    )
     quantize: Literal["none", "int8"] = Field(
         default="none",
         description="int8: every matmul (LM head included) in dynamic int8 (weights per "

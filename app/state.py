@@ -76,6 +76,7 @@ def build_state(settings: Settings) -> ServerState:
                 linear_backend=settings.linear_backend,
                 quantize=settings.quantize,
                 enforce_eager=settings.enforce_eager,
+                attention_backend=settings.attention_backend,
             ),
             draft_model=draft.model if draft else None,
         )
@@ -132,6 +133,7 @@ def info_dict(state: ServerState) -> dict[str, Any]:
         "device": str(state.loaded.device),
         "dtype": str(state.loaded.dtype).removeprefix("torch."),
         "linear_backend": engine.runner.model.linears().backend,
+        "attention_backend": engine.runner.model.decode_attention(),
         "decode_cuda_graphs": engine.runner.num_decode_graphs,  # 0: every step eager
         "config": {
             "n_layer": cfg.n_layer,

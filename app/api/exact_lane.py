@@ -28,7 +28,8 @@ from app.api.errors import APIError
 from app.api.generation import Completion, RequestContext, admission_error, decoder
 from app.engine.async_engine import EngineNotRunningError
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.engine import LLMEngine, SequenceOutput
+from app.engine.engine import LLMEngine
+from app.engine.outputs import SequenceOutput
 from app.engine.request import FinishReason
 from app.engine.sampling_params import SamplingParams
 from app.engine.stop import StopChecker, StopStringTextFilter

@@ -30,7 +30,7 @@ from app.api.option_table import (
 from app.engine.async_engine import EngineNotRunningError, EngineQueueFullError
 from app.engine.class_b.options import ClassBParams, resolve_class_b
 from app.engine.class_b.runner import generate_class_b
-from app.engine.engine import RequestOutput, SequenceOutput
+from app.engine.outputs import RequestOutput, SequenceOutput
 from app.engine.request import FinishReason
 from app.engine.sampling_params import (
     ParamValidationError,

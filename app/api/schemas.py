@@ -274,6 +274,10 @@ class InfoResponse(BaseModel):
     linear_backend: str = Field(
         description="Matmul backend in use: aten, mkldnn or int8-fbgemm (--quantize int8)."
     )
+    attention_backend: str = Field(
+        description="Decode attention in use: native (C kernel reading the paged KV blocks in "
+        "place; float32 on CPU) or torch (block gather + SDPA)."
+    )
     config: dict[str, Any]
     max_input_tokens: int
     max_input_length: int = Field(description="TGI's name for max_input_tokens.")

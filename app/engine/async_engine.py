@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from app.engine.engine import LLMEngine, RequestOutput
+from app.engine.engine import LLMEngine
+from app.engine.outputs import RequestOutput
 from app.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("kogpt.engine")

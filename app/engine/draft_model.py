@@ -28,7 +28,9 @@ import torch
 
 from app.engine.scheduler import SchedulerOutput
 from app.modeling.attention_metadata import SeqChunk, build_step_input
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
+from app.modeling.native_attention import AttentionBackend
 
 
 class DraftModelError(ValueError):
@@ -77,11 +79,16 @@ def check_same_tokenizer(draft_tokenizer: Any, target_tokenizer: Any) -> None:
 
 class DraftModel:
     def __init__(
-        self, hf_model: torch.nn.Module, target: torch.nn.Module, num_blocks: int, block_size: int
+        self,
+        hf_model: torch.nn.Module,
+        target: torch.nn.Module,
+        num_blocks: int,
+        block_size: int,
+        attention_backend: AttentionBackend = "auto",
     ) -> None:
         check_compatible(hf_model, target)
         self.config = hf_model.config
-        self.model = PagedGPT2.from_hf(hf_model)
+        self.model = PagedGPT2.from_hf(hf_model, attention_backend=attention_backend)
         self.device = next(hf_model.parameters()).device
         self.block_size = block_size
         self.kv_cache = KVCache.allocate(
@@ -118,6 +125,10 @@ class DraftModel:
 
     def _forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
         step = build_step_input(
-            chunks, self.block_size, self.device, max_positions=self.config.n_positions
+            chunks,
+            self.block_size,
+            self.device,
+            max_positions=self.config.n_positions,
+            paged_decode=self.model.paged_decode,
         )
         return self.model(step, self.kv_cache)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from app.engine.grammar import ConstraintFactory
 from app.engine.group_sampling import Pick, sample_groups
 from app.engine.kv_cache_manager import KVCacheManager
 from app.engine.model_runner import ModelRunner
+from app.engine.outputs import RequestOutput, SequenceOutput
 from app.engine.request import FinishReason, Request, Sequence
 from app.engine.sampler import Sampler, make_generator
 from app.engine.sampling_params import SamplingParams
@@ -30,6 +31,7 @@ from app.engine.scheduler import Scheduler, SchedulerConfig
 from app.engine.spec_decode import SpecDecoder, first_logits_rows
 from app.engine.stop import StopChecker, StopStringTextFilter, token_bytes_table
 from app.modeling.linear import LinearBackend, Quantize
+from app.modeling.native_attention import AttentionBackend
 
 logger = logging.getLogger("kogpt.engine")
 
@@ -46,37 +48,7 @@ class EngineConfig:
     quantize: Quantize = "none"  # "int8": dynamic int8 matmuls (float32 on CPU only)
     enforce_eager: bool = False  # never capture CUDA graphs of decode steps
     static_decode: bool | None = None  # padded decode: None = with graphs; True on CPU: tests
-
-
-@dataclass
-class SequenceOutput:
-    """What one sequence produced in one step (deltas), plus running totals."""
-
-    index: int
-    text: str  # new text, UTF-8 complete, stop strings cut
-    token_ids: list[int]  # new token ids
-    # log_softmax of the processed scores (what the token was drawn from; HF output_scores)
-    logprobs: list[float]
-    num_output_tokens: int
-    finish_reason: FinishReason | None = None
-    score: float | None = None  # beam search: the hypothesis' sequence score
-    # Per new token, its top_n_tokens alternatives (ids and log-probs, best first).
-    top_token_ids: list[list[int]] = field(default_factory=list)
-    top_logprobs: list[list[float]] = field(default_factory=list)
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[SequenceOutput]
-    finished: bool
-    error: str | None = None
-    # "invalid_request": the request could not be admitted (the caller's input); "internal".
-    error_kind: str | None = None
-    num_preemptions: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    metrics: dict[str, float] = field(default_factory=dict)
+    attention_backend: AttentionBackend = "auto"  # app/modeling/native_attention.py
 
 
 @dataclass
@@ -109,6 +81,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
             static_decode=config.static_decode,
+            attention_backend=config.attention_backend,
         )
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -118,7 +91,13 @@ class LLMEngine:
         self.spec = SpecDecoder()  # speculative decoding: drafts and their verification
         self.draft = None  # a smaller GPT-2 drafting tokens (--draft-model), see draft_model.py
         if draft_model is not None:
-            self.draft = DraftModel(draft_model, hf_model, config.num_blocks, config.block_size)
+            self.draft = DraftModel(
+                draft_model,
+                hf_model,
+                config.num_blocks,
+                config.block_size,
+                attention_backend=config.attention_backend,
+            )
         self._token_bytes: list[bytes] | None = None
         self.constraints = ConstraintFactory(tokenizer, int(hf_model.config.vocab_size))
         self._states: dict[str, _RequestState] = {}

@@ -12,8 +12,10 @@ from app.engine.scheduler import SchedulerOutput
 from app.engine.step_timing import StepTimer
 from app.modeling.attention_metadata import build_step_input
 from app.modeling.cuda_graphs import DecodeGraphs
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
 from app.modeling.linear import LinearBackend, Quantize
+from app.modeling.native_attention import AttentionBackend
 
 
 class ModelRunner:
@@ -28,14 +30,17 @@ class ModelRunner:
         max_num_seqs: int = 256,
         enforce_eager: bool = False,
         static_decode: bool | None = None,
+        attention_backend: AttentionBackend = "auto",
     ) -> None:
         """``enforce_eager``: never capture CUDA graphs. ``static_decode``: run all-decode
         steps through the padded fixed-shape forward (default: where graphs are captured,
         i.e. on CUDA unless ``enforce_eager``); True without graphs runs it eagerly (tests)."""
         self.config = hf_model.config
         self.hf_model = hf_model  # kept for transformers-side preparation (beam search)
-        self.model = PagedGPT2.from_hf(hf_model, linear_backend, quantize)
-        self.model.linears()  # packs weights now: a bad backend fails at start-up, not per step
+        self.model = PagedGPT2.from_hf(hf_model, linear_backend, quantize, attention_backend)
+        # Packs weights and builds the native kernel now: a bad backend fails at start-up.
+        self.model.linears()
+        self.model.decode_attention()
         self.device = next(hf_model.parameters()).device
         self.dtype = self.model.dtype
         self.block_size = block_size
@@ -70,7 +75,11 @@ class ModelRunner:
             logits = graphs.run(shape, rows)
         else:
             step = build_step_input(
-                out.seqs, self.block_size, self.device, max_positions=self.config.n_positions
+                out.seqs,
+                self.block_size,
+                self.device,
+                max_positions=self.config.n_positions,
+                paged_decode=self.model.paged_decode,
             )
             self.step_timer.forward_started()
             logits = self.model(step, self.kv_cache)

@@ -37,7 +37,8 @@ from app.engine.scheduler import ScheduledSeq
 from app.engine.spec_options import DEFAULT_MAX_MATCHING_NGRAM_SIZE
 
 if TYPE_CHECKING:
-    from app.engine.engine import LLMEngine, RequestOutput
+    from app.engine.engine import LLMEngine
+    from app.engine.outputs import RequestOutput
 
 
 def first_logits_rows(sampling: list[ScheduledSeq]) -> list[int]:

@@ -16,6 +16,9 @@ tests/benchmarks/forward_micro.py):
   batch is capped at ``CPU_DECODE_BATCH_TOKENS`` padded keys so the gathered K/V (~1 MB
   each) are still in cache when SDPA reads them; on other devices all decodes form one
   batch. Sequences of very different lengths are sorted into batches of similar length;
+- with ``paged_decode=True`` (the native kernel, app/modeling/native_attention.py) all
+  single-token chunks form one ``PagedDecode`` instead: block tables and context lengths,
+  no padding, no gather; the kernel reads the blocks in place;
 - multi-token chunks (prefill) get one call each: padding chunks of different lengths
   together would waste (longest chunk x longest context) work on every shorter chunk, and
   there are only a few of them per step (the token budget bounds their total length). A
@@ -63,6 +66,16 @@ class DecodeBatch:
 
 
 @dataclass
+class PagedDecode:
+    """All single-token chunks of a step, for the native kernel: it reads blocks in place."""
+
+    rows: torch.Tensor  # [n] int64 flat rows of these tokens
+    context_lens: torch.Tensor  # [n] int32, the new token included
+    block_tables: torch.Tensor  # [n, width] int32, short tables padded with their last id
+    max_context: int
+
+
+@dataclass
 class PrefillChunk:
     """A multi-token chunk: rows [start, end) of the flat batch, attended on its own."""
 
@@ -84,6 +97,7 @@ class StepInput:
     decode: list[DecodeBatch] = field(default_factory=list)
     # [num decodes, widest batch * B] bool, rows in batch order; DecodeBatch.mask are views
     decode_mask: torch.Tensor | None = None
+    paged_decode: PagedDecode | None = None  # instead of ``decode`` when built paged_decode
     prefills: list[PrefillChunk] = field(default_factory=list)
     block_size: int = 16
     num_tokens: int = 0
@@ -141,11 +155,14 @@ def build_step_input(
     device: torch.device | str = "cpu",
     max_positions: int | None = None,
     decode_batch_tokens: int | str = "auto",
+    paged_decode: bool = False,
 ) -> StepInput:
     """Build every tensor of one step. ``seqs`` may be any objects with SeqChunk's fields.
 
     ``decode_batch_tokens`` caps the padded context (keys) of one decode attention batch:
     "auto" is CPU_DECODE_BATCH_TOKENS on CPU and unbounded elsewhere; <= 0 is unbounded.
+    ``paged_decode``: single-token chunks as one ``PagedDecode`` (the native kernel's input)
+    instead of ``DecodeBatch``es.
     Index math runs on CPU (tiny int tensors), then each tensor moves to ``device`` once.
     """
     if not seqs:
@@ -205,8 +222,22 @@ def build_step_input(
 
     decode: list[DecodeBatch] = []
     decode_mask = None
+    paged = None
     dec_idx = [i for i, n in enumerate(lens) if n == 1]
-    if dec_idx:
+    if dec_idx and paged_decode:
+        width = max(n_blocks[i] for i in dec_idx)
+        tables = []
+        for i in dec_idx:
+            table = seqs[i].block_table[: n_blocks[i]]
+            tables.append(table + [table[-1]] * (width - len(table)))
+        ctx_lens = [starts[i] + 1 for i in dec_idx]
+        paged = PagedDecode(
+            rows=torch.tensor([cu_list[i] for i in dec_idx], dtype=torch.long).to(device),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int32).to(device),
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(device),
+            max_context=max(ctx_lens),
+        )
+    elif dec_idx:
         cap = decode_batch_tokens
         if cap == "auto":
             cap = CPU_DECODE_BATCH_TOKENS if torch.device(device).type == "cpu" else 0
@@ -278,6 +309,7 @@ def build_step_input(
         logits_counts=logits_counts,
         decode=decode,
         decode_mask=decode_mask,
+        paged_decode=paged,
         prefills=prefills,
         block_size=block_size,
         num_tokens=num_tokens,

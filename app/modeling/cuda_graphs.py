@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
 from app.modeling.static_decode import (
     DecodeBuffers,
     DecodeChunk,

@@ -9,12 +9,15 @@ the rows whose logits are needed. It follows HF's arithmetic op for op (Conv1D a
 activation: ACT2FN's, or for gelu_new an equal but faster formula), so logits match
 ``GPT2LMHeadModel`` to rounding (~1e-15 in float64, ~1e-5 in float32). The matmuls go through
 app/modeling/linear.py: HF's own ops, or on a float32 CPU oneDNN with prepacked weights
-(or, with quantize=int8, dynamic int8 matmuls: logits then differ beyond rounding).
+(or, with quantize=int8, dynamic int8 matmuls: logits then differ beyond rounding). On a
+float32 CPU the decode rows' attention is one native kernel call per layer that reads the
+paged blocks in place (app/modeling/native_attention.py; attention_backend=torch: SDPA).
 
 Per step, ``plan()`` builds every buffer and view the layers share (tests and the
 micro-benchmark call ``plan``/``attention`` directly); per layer, ``attention()`` writes the
-new k/v into their slots, gathers the contexts block by block and runs SDPA per batch
-(see app/modeling/attention_metadata.py for how sequences are batched and why).
+new k/v into their slots, then either calls the native kernel for all decode rows or
+gathers the contexts block by block and runs SDPA per batch (see
+app/modeling/attention_metadata.py for how sequences are batched and why).
 """
 
 from __future__ import annotations
@@ -28,8 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from app.modeling.attention_metadata import DecodeBatch, PrefillChunk, StepInput
+from app.modeling.attention_metadata import DecodeBatch, PagedDecode, PrefillChunk, StepInput
+from app.modeling.kv_cache import KVCache, Workspace
 from app.modeling.linear import GPT2Linears, LinearBackend, Quantize, build_linears
+from app.modeling.native_attention import (
+    AttentionBackend,
+    paged_decode_attention,
+    resolve_attention_backend,
+)
 
 _GELU_C = 2.0 * math.sqrt(2.0 / math.pi)
 
@@ -39,88 +48,6 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
     y = x * x
     y.mul_(0.044715 * _GELU_C).add_(_GELU_C).mul_(x)  # 2 sqrt(2/pi) (x + 0.044715 x^3)
     return y.sigmoid_().mul_(x)
-
-
-@dataclass
-class KVCache:
-    """Per layer one key and one value tensor of shape [num_blocks * block_size, H, hd]."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    block_size: int
-
-    @classmethod
-    def allocate(
-        cls,
-        config,
-        num_blocks: int,
-        block_size: int,
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-    ) -> KVCache:
-        n_head = config.n_head
-        head_dim = config.n_embd // n_head
-        shape = (num_blocks * block_size, n_head, head_dim)
-        # zeros, not empty: attention gathers whole blocks, so the unused tail of a sequence's
-        # last block is read (and masked, weight exactly 0); it must hold finite values,
-        # since 0 * NaN would still be NaN. Written slots only ever hold finite k/v.
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        return cls(keys, values, block_size)
-
-    @staticmethod
-    def block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes one block takes over all layers (keys + values), to size the pool."""
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.n_layer * block_size * config.n_embd * elem
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.keys)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.keys[0].shape[0] // self.block_size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.keys[0].dtype
-
-    @torch.inference_mode()
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy whole blocks src -> dst in every layer (copy-on-write before a step)."""
-        if not pairs:
-            return
-        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.keys[0].device)
-        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.keys[0].device)
-        b = self.block_size
-        for t in (*self.keys, *self.values):
-            blocks = t.view(-1, b, *t.shape[1:])  # [num_blocks, B, H, hd] view, no copy
-            # index_select materializes the sources first, so overlapping pairs stay correct.
-            blocks.index_copy_(0, dst, blocks.index_select(0, src))
-
-
-class _Workspace:
-    """Grow-only scratch buffers reused across layers and steps.
-
-    A fresh multi-MB tensor per layer costs page faults (mmap'd allocations) that on the
-    2-core CPU are as slow as the copy itself; a reused buffer stays mapped.
-    """
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def get(
-        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        numel = 1
-        for s in shape:
-            numel *= s
-        buf = self._bufs.get(name)
-        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
-            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
-            self._bufs[name] = buf
-        return buf[:numel].view(shape)
 
 
 @dataclass
@@ -160,6 +87,7 @@ class AttentionPlan:
     out: torch.Tensor  # [T, H, hd] attention output, every row rewritten by every layer
     decode: list[_DecodeView]
     prefill: list[_PrefillView]
+    paged: PagedDecode | None = None  # single-token chunks for the native kernel
 
 
 class PagedGPT2(nn.Module):
@@ -168,6 +96,7 @@ class PagedGPT2(nn.Module):
         model: nn.Module,
         linear_backend: LinearBackend = "auto",
         quantize: Quantize = "none",
+        attention_backend: AttentionBackend = "auto",
     ) -> None:
         super().__init__()
         config = model.config
@@ -199,17 +128,39 @@ class PagedGPT2(nn.Module):
             self.act = ACT2FN[config.activation_function]
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         self.n_positions = config.n_positions
-        self._ws = _Workspace()
+        self._ws = Workspace()
         self.linear_backend = linear_backend
         self.quantize = quantize  # int8: dynamic int8 matmuls (linear.py), float32 CPU only
         self._linears: GPT2Linears | None = None
         self._linears_key: tuple | None = None
+        # Decode attention: the native kernel reading blocks in place, or gather + SDPA
+        # (app/modeling/native_attention.py); resolved per device and dtype like the matmuls.
+        self.attention_backend = attention_backend
+        self._attention_resolved: tuple[tuple, str] | None = None
 
     @classmethod
     def from_hf(
-        cls, model: nn.Module, linear_backend: LinearBackend = "auto", quantize: Quantize = "none"
+        cls,
+        model: nn.Module,
+        linear_backend: LinearBackend = "auto",
+        quantize: Quantize = "none",
+        attention_backend: AttentionBackend = "auto",
     ) -> PagedGPT2:
-        return cls(model, linear_backend, quantize).eval()
+        return cls(model, linear_backend, quantize, attention_backend).eval()
+
+    def decode_attention(self) -> str:
+        """ "native" or "torch" for the weights' current device and dtype (ValueError when
+        attention_backend=native cannot run there)."""
+        key = (self.device, self.dtype)
+        if self._attention_resolved is None or self._attention_resolved[0] != key:
+            chosen = resolve_attention_backend(self.attention_backend, self.device, self.dtype)
+            self._attention_resolved = (key, chosen)
+        return self._attention_resolved[1]
+
+    @property
+    def paged_decode(self) -> bool:
+        """Whether steps for this model are built with ``paged_decode=True``."""
+        return self.decode_attention() == "native"
 
     def linears(self) -> GPT2Linears:
         """The matmuls (app/modeling/linear.py), built on first use and again whenever the
@@ -239,6 +190,8 @@ class PagedGPT2(nn.Module):
             raise ValueError(f"cache dtype {kv_cache.dtype} != model dtype {self.dtype}")
         if step.max_position >= self.n_positions:
             raise ValueError(f"position {step.max_position} >= n_positions {self.n_positions}")
+        if step.paged_decode is not None and not self.paged_decode:
+            raise ValueError("a paged_decode step needs the native decode attention")
 
         plan = self.plan(step)
         hidden = self.run_layers(
@@ -354,7 +307,7 @@ class PagedGPT2(nn.Module):
                         self._additive(p.mask),
                     )
                 )
-        return AttentionPlan(qkv, q, k, v, out, decode, prefill)
+        return AttentionPlan(qkv, q, k, v, out, decode, prefill, step.paged_decode)
 
     def attention(
         self, plan: AttentionPlan, k_cache: torch.Tensor, v_cache: torch.Tensor, step: StepInput
@@ -371,6 +324,12 @@ class PagedGPT2(nn.Module):
         k_blocks = k_cache.view(-1, B * H * hd)
         v_blocks = v_cache.view(-1, B * H * hd)
         out = plan.out
+        if plan.paged is not None:
+            pd = plan.paged
+            paged_decode_attention(
+                plan.q, k_cache, v_cache, pd.block_tables, pd.context_lens, pd.rows, out,
+                B, pd.max_context, self.scale,
+            )  # fmt: skip
         for d in plan.decode:
             b = d.batch
             torch.index_select(k_blocks, 0, b.blocks, out=d.k_buf)

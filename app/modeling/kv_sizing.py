@@ -23,7 +23,8 @@ import torch
 
 from app.modeling.attention_metadata import SeqChunk, build_step_input
 from app.modeling.cuda_graphs import DecodeGraphs
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
 
 CPU_DEFAULT_KV_GIB = 2.0  # default KV pool on CPU hosts when nothing is configured
 GIB = 2**30
@@ -140,7 +141,13 @@ def activation_peak_bytes(
     base = memory.memory_allocated()
     kv = KVCache.allocate(config, num_blocks, block_size, model.dtype, model.device)
     kv_bytes = memory.memory_allocated() - base
-    step = build_step_input(seqs, block_size, model.device, max_positions=config.n_positions)
+    step = build_step_input(
+        seqs,
+        block_size,
+        model.device,
+        max_positions=config.n_positions,
+        paged_decode=model.paged_decode,
+    )
     logits = model(step, kv)
     # The sampler's float32 copy, raw log-probs and probabilities for up to max_seqs rows.
     rows = logits[:1].float().expand(min(max_seqs, max_tokens), -1)

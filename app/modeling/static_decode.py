@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
 
 # vLLM's default largest captured batch: steps with more sequences run the varlen forward.
 BATCH_LADDER_LIMIT = 512

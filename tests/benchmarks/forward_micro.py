@@ -10,9 +10,11 @@ shuffled block ids, decode one token each. Printed (median of ``--repeat`` runs)
 1. the full paged forward (and build_step_input on its own);
 2. the "linear bound": the same matmuls (c_attn, c_proj, c_fc, mlp c_proj per layer + the LM
    head) on [seqs, 768] inputs, without layer norms, activations or attention;
-3. attention + KV write + gather for all layers, as the forward runs it (whole-block
-   gather + one SDPA call per decode batch of <= CPU_DECODE_BATCH_TOKENS keys), and,
-   interleaved with it, the alternatives that were tried, each checked against it: all
+3. attention + KV write for all layers, as the forward runs it (on a float32 CPU with a C
+   compiler: the native kernel reading blocks in place, app/modeling/native_attention.py;
+   else whole-block gather + one SDPA call per decode batch of <= CPU_DECODE_BATCH_TOKENS
+   keys), and, interleaved with it, the alternatives that were tried, each checked against
+   it: the torch path when the kernel is the kept one, all
    decodes in one SDPA batch (block gather / per-slot gather), per-slot gather + explicit
    matmul/softmax/matmul, one SDPA call per sequence, FlexAttention without torch.compile.
 
@@ -36,7 +38,8 @@ from app.modeling.attention_metadata import (
     SeqChunk,
     build_step_input,
 )
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
 from tests.benchmarks.linear_micro import block_matmuls
 
 
@@ -186,7 +189,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     seqs = make_step(args.seqs, args.ctx, B, num_blocks, gen)
     cap = "auto" if args.decode_batch_tokens is None else args.decode_batch_tokens
-    step = build_step_input(seqs, B, "cpu", decode_batch_tokens=cap)
+    paged = model.paged_decode  # the native kernel's step layout
+    step = build_step_input(seqs, B, "cpu", decode_batch_tokens=cap, paged_decode=paged)
     print(
         f"threads={torch.get_num_threads()} seqs={args.seqs} mean ctx="
         f"{sum(s.start_pos + 1 for s in seqs) / len(seqs):.1f}"
@@ -194,11 +198,13 @@ def main() -> None:
         f" decode batches={len(step.decode)} load avg={os.getloadavg()[0]:.2f}"
     )
 
-    t_build = timeit(lambda: build_step_input(seqs, B, "cpu", decode_batch_tokens=cap), 50)
+    t_build = timeit(
+        lambda: build_step_input(seqs, B, "cpu", decode_batch_tokens=cap, paged_decode=paged), 50
+    )
 
     x = torch.randn(args.seqs, 768)
     linears = model.linears()  # the forward's own matmul backend (app/modeling/linear.py)
-    print(f"matmul backend: {linears.backend}")
+    print(f"matmul backend: {linears.backend}, decode attention: {model.decode_attention()}")
 
     @torch.inference_mode()
     def linear_only():
@@ -238,10 +244,9 @@ def main() -> None:
         f"ratio bound / forward     {t_lin / t_fwd:8.3f}   (with build: "
         f"{t_lin / (t_fwd + t_build):.3f})"
     )
-    print(
-        f"attention+write+gather    {t_attn * 1e3:8.2f} ms  (12 layers, kept path: block gather"
-        f" + SDPA per batch of <= {CPU_DECODE_BATCH_TOKENS if cap == 'auto' else cap} keys)"
-    )
+    keys = CPU_DECODE_BATCH_TOKENS if cap == "auto" else cap
+    kept_name = "native kernel" if paged else f"block gather + SDPA per batch of <= {keys} keys"
+    print(f"attention+write(+gather)  {t_attn * 1e3:8.2f} ms  (12 layers, kept path: {kept_name})")
     print(
         f"rest (ln, gelu, residual) {(t_fwd - t_lin - t_attn) * 1e3:8.2f} ms"
         "  (forward - bound - attention)"
@@ -257,7 +262,15 @@ def main() -> None:
         model.attention(one_plan, kc, vc, one_batch)
         o.copy_(one_plan.out)
 
-    alts = [
+    batched = build_step_input(seqs, B, "cpu", decode_batch_tokens=cap)
+    batched_plan = plan_for(batched)
+
+    def torch_path(q, k, v, kc, vc, st, o):
+        model.attention(batched_plan, kc, vc, batched)
+        o.copy_(batched_plan.out)
+
+    alts = [("block gather, SDPA per batch", torch_path)] if paged else []
+    alts += [
         ("block gather, one SDPA batch", one_sdpa),
         ("slot gather, one SDPA batch", lambda *a: attn_row_gather(model, ix, *a)),
         ("slot gather + matmul/softmax", lambda *a: attn_matmul(model, ix, *a)),

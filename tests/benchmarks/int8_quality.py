@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from app.modeling.attention_metadata import SeqChunk, build_step_input
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
 from app.modeling.linear import Quantize
 from app.modeling.loader import load_model
 

@@ -15,7 +15,8 @@ from app.engine.model_runner import ModelRunner
 from app.engine.sampling_params import resolve_sampling_params
 from app.engine.scheduler import ScheduledSeq, SchedulerOutput
 from app.modeling.attention_metadata import SeqChunk, build_step_input
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
 from app.modeling.kv_sizing import KVSizingError, resolve_kv_sizing
 from app.modeling.loader import DEFAULT_MODEL_DIR, load_model
 from app.state import build_state

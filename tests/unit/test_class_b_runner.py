@@ -10,7 +10,8 @@ import pytest
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from app.engine.class_b.runner import ClassBRun, rows_error, run_method
-from app.engine.engine import EngineConfig, LLMEngine, SequenceOutput
+from app.engine.engine import EngineConfig, LLMEngine
+from app.engine.outputs import SequenceOutput
 from app.engine.request import FinishReason
 from tests.unit.class_b_helpers import class_b_params
 

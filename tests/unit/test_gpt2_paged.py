@@ -15,7 +15,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from app.modeling.attention_metadata import SeqChunk, build_step_input
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
 
 VOCAB = 300
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}

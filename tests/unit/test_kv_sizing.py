@@ -10,7 +10,8 @@ import pytest
 from transformers import GPT2LMHeadModel
 
 from app.config import Settings
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
 from app.modeling.kv_sizing import (
     CPU_DEFAULT_KV_GIB,
     GIB,

@@ -12,7 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from app.config import Settings
 from app.engine.engine import EngineConfig, LLMEngine
 from app.modeling.attention_metadata import SeqChunk, build_step_input
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
 from app.modeling.linear import (
     AtenConv1D,
     Int8Dynamic,

@@ -19,7 +19,8 @@ from app.engine.model_runner import ModelRunner
 from app.engine.scheduler import ScheduledSeq, SchedulerOutput
 from app.modeling.attention_metadata import SeqChunk, build_step_input
 from app.modeling.cuda_graphs import DecodeGraphs
-from app.modeling.gpt2 import KVCache, PagedGPT2
+from app.modeling.gpt2 import PagedGPT2
+from app.modeling.kv_cache import KVCache
 from app.modeling.static_decode import DecodeShape, batch_ladder, context_buckets
 from tests.unit.test_engine import PROMPTS, run_all
 

@@ -34,7 +34,8 @@ from app.engine.class_b.dola import dola_decoding
 from app.engine.class_b.group_beam import group_beam_search
 from app.engine.class_b.options import CONSTRAINED, CONTRASTIVE, DOLA, ClassBParams
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.engine import LLMEngine, RequestOutput, SequenceOutput
+from app.engine.engine import LLMEngine
+from app.engine.outputs import RequestOutput, SequenceOutput
 from app.engine.request import FinishReason
 from app.engine.sampler import make_generator
 from app.engine.stop import StopChecker, StopStringTextFilter
