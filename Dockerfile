@@ -83,7 +83,7 @@ RUN groupadd --system --gid 10001 kogpt \
     && mkdir -p /models /home/kogpt/.cache/huggingface \
     && chown -R kogpt:kogpt /models /home/kogpt
 
-# A C compiler for the native decode attention (app/modeling/native_attention.py): the kernel
+# A C compiler for the native decode attention (app/modeling/native.py): the kernel
 # is compiled at first start for the host's own CPU (-march=native), so not at build time;
 # into ~/.cache/kogpt-serve (an emptyDir in docker/k8s). Without it, CPU decode attention
 # falls back to torch. The packages follow the base image's Debian point release.

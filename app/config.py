@@ -46,12 +46,12 @@ class Settings(BaseSettings):
         "(faster; one extra copy of the weights), torch's own matmul elsewhere; aten = always "
         "torch's own (bit-identical to transformers).",
     )
-    attention_backend: Literal["auto", "native", "torch"] = Field(
+    native_kernels: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="Decode attention: auto = a small C kernel that reads the paged KV blocks "
-        "in place for float32 on CPU (compiled once with the system C compiler; falls back "
-        "to torch without one), torch elsewhere; native = require the kernel; torch = block "
-        "gather + SDPA.",
+        description="C kernels for float32 on CPU (decode attention reading the paged KV "
+        "blocks in place, gelu_new in one pass), compiled once with the system C compiler: "
+        "auto = use them where they apply and build (torch ops otherwise, with a warning); "
+        "on = require them; off = torch ops only (block gather + SDPA attention).",
     )
     quantize: Literal["none", "int8"] = Field(
         default="none",

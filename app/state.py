@@ -76,7 +76,7 @@ def build_state(settings: Settings) -> ServerState:
                 linear_backend=settings.linear_backend,
                 quantize=settings.quantize,
                 enforce_eager=settings.enforce_eager,
-                attention_backend=settings.attention_backend,
+                native_kernels=settings.native_kernels,
             ),
             draft_model=draft.model if draft else None,
         )
@@ -133,7 +133,7 @@ def info_dict(state: ServerState) -> dict[str, Any]:
         "device": str(state.loaded.device),
         "dtype": str(state.loaded.dtype).removeprefix("torch."),
         "linear_backend": engine.runner.model.linears().backend,
-        "attention_backend": engine.runner.model.decode_attention(),
+        "native_kernels": engine.runner.model.uses_native(),
         "decode_cuda_graphs": engine.runner.num_decode_graphs,  # 0: every step eager
         "config": {
             "n_layer": cfg.n_layer,

@@ -274,9 +274,10 @@ class InfoResponse(BaseModel):
     linear_backend: str = Field(
         description="Matmul backend in use: aten, mkldnn or int8-fbgemm (--quantize int8)."
     )
-    attention_backend: str = Field(
-        description="Decode attention in use: native (C kernel reading the paged KV blocks in "
-        "place; float32 on CPU) or torch (block gather + SDPA)."
+    native_kernels: bool = Field(
+        description="Whether the C kernels run (float32 on CPU, --native-kernels): decode "
+        "attention reading the paged KV blocks in place and a one-pass gelu_new; false: torch "
+        "ops only (block gather + SDPA attention)."
     )
     config: dict[str, Any]
     max_input_tokens: int

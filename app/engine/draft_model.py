@@ -30,7 +30,7 @@ from app.engine.scheduler import SchedulerOutput
 from app.modeling.attention_metadata import SeqChunk, build_step_input
 from app.modeling.gpt2 import PagedGPT2
 from app.modeling.kv_cache import KVCache
-from app.modeling.native_attention import AttentionBackend
+from app.modeling.native import NativeKernels
 
 
 class DraftModelError(ValueError):
@@ -84,11 +84,11 @@ class DraftModel:
         target: torch.nn.Module,
         num_blocks: int,
         block_size: int,
-        attention_backend: AttentionBackend = "auto",
+        native_kernels: NativeKernels = "auto",
     ) -> None:
         check_compatible(hf_model, target)
         self.config = hf_model.config
-        self.model = PagedGPT2.from_hf(hf_model, attention_backend=attention_backend)
+        self.model = PagedGPT2.from_hf(hf_model, native_kernels=native_kernels)
         self.device = next(hf_model.parameters()).device
         self.block_size = block_size
         self.kv_cache = KVCache.allocate(

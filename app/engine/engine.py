@@ -31,7 +31,7 @@ from app.engine.scheduler import Scheduler, SchedulerConfig
 from app.engine.spec_decode import SpecDecoder, first_logits_rows
 from app.engine.stop import StopChecker, StopStringTextFilter, token_bytes_table
 from app.modeling.linear import LinearBackend, Quantize
-from app.modeling.native_attention import AttentionBackend
+from app.modeling.native import NativeKernels
 
 logger = logging.getLogger("kogpt.engine")
 
@@ -48,7 +48,7 @@ class EngineConfig:
     quantize: Quantize = "none"  # "int8": dynamic int8 matmuls (float32 on CPU only)
     enforce_eager: bool = False  # never capture CUDA graphs of decode steps
     static_decode: bool | None = None  # padded decode: None = with graphs; True on CPU: tests
-    attention_backend: AttentionBackend = "auto"  # app/modeling/native_attention.py
+    native_kernels: NativeKernels = "auto"  # app/modeling/native.py
 
 
 @dataclass
@@ -81,7 +81,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
             static_decode=config.static_decode,
-            attention_backend=config.attention_backend,
+            native_kernels=config.native_kernels,
         )
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -96,7 +96,7 @@ class LLMEngine:
                 hf_model,
                 config.num_blocks,
                 config.block_size,
-                attention_backend=config.attention_backend,
+                native_kernels=config.native_kernels,
             )
         self._token_bytes: list[bytes] | None = None
         self.constraints = ConstraintFactory(tokenizer, int(hf_model.config.vocab_size))

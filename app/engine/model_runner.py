@@ -15,7 +15,7 @@ from app.modeling.cuda_graphs import DecodeGraphs
 from app.modeling.gpt2 import PagedGPT2
 from app.modeling.kv_cache import KVCache
 from app.modeling.linear import LinearBackend, Quantize
-from app.modeling.native_attention import AttentionBackend
+from app.modeling.native import NativeKernels
 
 
 class ModelRunner:
@@ -30,17 +30,17 @@ class ModelRunner:
         max_num_seqs: int = 256,
         enforce_eager: bool = False,
         static_decode: bool | None = None,
-        attention_backend: AttentionBackend = "auto",
+        native_kernels: NativeKernels = "auto",
     ) -> None:
         """``enforce_eager``: never capture CUDA graphs. ``static_decode``: run all-decode
         steps through the padded fixed-shape forward (default: where graphs are captured,
         i.e. on CUDA unless ``enforce_eager``); True without graphs runs it eagerly (tests)."""
         self.config = hf_model.config
         self.hf_model = hf_model  # kept for transformers-side preparation (beam search)
-        self.model = PagedGPT2.from_hf(hf_model, linear_backend, quantize, attention_backend)
+        self.model = PagedGPT2.from_hf(hf_model, linear_backend, quantize, native_kernels)
         # Packs weights and builds the native kernel now: a bad backend fails at start-up.
         self.model.linears()
-        self.model.decode_attention()
+        self.model.uses_native()
         self.device = next(hf_model.parameters()).device
         self.dtype = self.model.dtype
         self.block_size = block_size

@@ -232,7 +232,9 @@ class Sampler:
         the float32 copy (HF's) is the gather into that order."""
         order = plan.order
         device = logits.device
-        if order == list(range(len(rows))):
+        if logits.dtype == torch.float32 and not plan.full and not plan.top_k and _read_only(rows):
+            scores = logits  # nothing writes to the scores: no copy (a greedy batch's case)
+        elif order == list(range(len(rows))):
             scores = logits.to(dtype=torch.float32, copy=True)
         else:
             scores = logits.index_select(0, torch.tensor(order, device=device))
@@ -308,6 +310,18 @@ class Sampler:
             ids[order[p]] = [toks[k] for k in keep]
             lps[order[p]] = [vals[k] for k in keep]
         return ids, lps
+
+
+def _read_only(rows: Sequence[SamplingRow]) -> bool:
+    """No processor changes any row's scores: no options, guidance, grammar or active
+    min-length (the only steps that run for rows without options, apply_processors)."""
+    return all(
+        r.options is None
+        and r.uncond_logits is None
+        and r.constraint is None
+        and not (r.eos_token_ids and len(r.token_ids) < r.min_length)
+        for r in rows
+    )
 
 
 def _check_shape(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

@@ -16,7 +16,7 @@ tests/benchmarks/forward_micro.py):
   batch is capped at ``CPU_DECODE_BATCH_TOKENS`` padded keys so the gathered K/V (~1 MB
   each) are still in cache when SDPA reads them; on other devices all decodes form one
   batch. Sequences of very different lengths are sorted into batches of similar length;
-- with ``paged_decode=True`` (the native kernel, app/modeling/native_attention.py) all
+- with ``paged_decode=True`` (the native kernel, app/modeling/native.py) all
   single-token chunks form one ``PagedDecode`` instead: block tables and context lengths,
   no padding, no gather; the kernel reads the blocks in place;
 - multi-token chunks (prefill) get one call each: padding chunks of different lengths

@@ -11,7 +11,8 @@ activation: ACT2FN's, or for gelu_new an equal but faster formula), so logits ma
 app/modeling/linear.py: HF's own ops, or on a float32 CPU oneDNN with prepacked weights
 (or, with quantize=int8, dynamic int8 matmuls: logits then differ beyond rounding). On a
 float32 CPU the decode rows' attention is one native kernel call per layer that reads the
-paged blocks in place (app/modeling/native_attention.py; attention_backend=torch: SDPA).
+paged blocks in place, and gelu_new one native pass (app/modeling/native.py;
+native_kernels=off: torch ops, SDPA over gathered blocks).
 
 Per step, ``plan()`` builds every buffer and view the layers share (tests and the
 micro-benchmark call ``plan``/``attention`` directly); per layer, ``attention()`` writes the
@@ -34,10 +35,11 @@ from transformers.activations import ACT2FN
 from app.modeling.attention_metadata import DecodeBatch, PagedDecode, PrefillChunk, StepInput
 from app.modeling.kv_cache import KVCache, Workspace
 from app.modeling.linear import GPT2Linears, LinearBackend, Quantize, build_linears
-from app.modeling.native_attention import (
-    AttentionBackend,
+from app.modeling.native import (
+    NativeKernels,
+    gelu_new_,
     paged_decode_attention,
-    resolve_attention_backend,
+    resolve_native_kernels,
 )
 
 _GELU_C = 2.0 * math.sqrt(2.0 / math.pi)
@@ -96,7 +98,7 @@ class PagedGPT2(nn.Module):
         model: nn.Module,
         linear_backend: LinearBackend = "auto",
         quantize: Quantize = "none",
-        attention_backend: AttentionBackend = "auto",
+        native_kernels: NativeKernels = "auto",
     ) -> None:
         super().__init__()
         config = model.config
@@ -133,10 +135,10 @@ class PagedGPT2(nn.Module):
         self.quantize = quantize  # int8: dynamic int8 matmuls (linear.py), float32 CPU only
         self._linears: GPT2Linears | None = None
         self._linears_key: tuple | None = None
-        # Decode attention: the native kernel reading blocks in place, or gather + SDPA
-        # (app/modeling/native_attention.py); resolved per device and dtype like the matmuls.
-        self.attention_backend = attention_backend
-        self._attention_resolved: tuple[tuple, str] | None = None
+        # The C kernels (decode attention reading blocks in place, gelu_new in one pass;
+        # app/modeling/native.py), resolved per device and dtype like the matmuls.
+        self.native_kernels = native_kernels
+        self._native_resolved: tuple[tuple, bool] | None = None
 
     @classmethod
     def from_hf(
@@ -144,23 +146,23 @@ class PagedGPT2(nn.Module):
         model: nn.Module,
         linear_backend: LinearBackend = "auto",
         quantize: Quantize = "none",
-        attention_backend: AttentionBackend = "auto",
+        native_kernels: NativeKernels = "auto",
     ) -> PagedGPT2:
-        return cls(model, linear_backend, quantize, attention_backend).eval()
+        return cls(model, linear_backend, quantize, native_kernels).eval()
 
-    def decode_attention(self) -> str:
-        """ "native" or "torch" for the weights' current device and dtype (ValueError when
-        attention_backend=native cannot run there)."""
+    def uses_native(self) -> bool:
+        """Whether the C kernels run for the weights' current device and dtype (ValueError
+        when native_kernels=on cannot run there)."""
         key = (self.device, self.dtype)
-        if self._attention_resolved is None or self._attention_resolved[0] != key:
-            chosen = resolve_attention_backend(self.attention_backend, self.device, self.dtype)
-            self._attention_resolved = (key, chosen)
-        return self._attention_resolved[1]
+        if self._native_resolved is None or self._native_resolved[0] != key:
+            chosen = resolve_native_kernels(self.native_kernels, self.device, self.dtype)
+            self._native_resolved = (key, chosen)
+        return self._native_resolved[1]
 
     @property
     def paged_decode(self) -> bool:
         """Whether steps for this model are built with ``paged_decode=True``."""
-        return self.decode_attention() == "native"
+        return self.uses_native()
 
     def linears(self) -> GPT2Linears:
         """The matmuls (app/modeling/linear.py), built on first use and again whenever the
@@ -191,7 +193,7 @@ class PagedGPT2(nn.Module):
         if step.max_position >= self.n_positions:
             raise ValueError(f"position {step.max_position} >= n_positions {self.n_positions}")
         if step.paged_decode is not None and not self.paged_decode:
-            raise ValueError("a paged_decode step needs the native decode attention")
+            raise ValueError("a paged_decode step needs the native kernels")
 
         plan = self.plan(step)
         hidden = self.run_layers(
@@ -217,13 +219,14 @@ class PagedGPT2(nn.Module):
         into ``qkv`` [T, 3 * n_embd]; ``attend(i)`` turns them into ``attn_out`` [T, H, hd].
         Shared by this forward and the fixed-shape decode (app/modeling/static_decode.py)."""
         T, E = hidden.shape
+        act = gelu_new_ if self.act is gelu_new and self.uses_native() else self.act
         for i, (block, lin) in enumerate(zip(self.h, self.linears().blocks, strict=True)):
             x = F.layer_norm(hidden, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
             lin.qkv(x, out=qkv)  # the caller's views of qkv are this layer's q/k/v
             attend(i)
             hidden = hidden + lin.attn_proj(attn_out.view(T, E))
             x = F.layer_norm(hidden, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
-            x = self.act(lin.fc(x))
+            x = act(lin.fc(x))
             hidden = hidden + lin.mlp_proj(x)
         return hidden
 

@@ -1,8 +1,8 @@
 """In-engine throughput benchmark (a script, never a test): `python -m tests.benchmarks.engine`.
 
 Same prompts, same run, greedy, fixed output length. For each concurrency it measures:
-- this engine (continuous batching over the paged KV cache), the same with torch's gather +
-  SDPA decode attention instead of the native kernel, and the same with
+- this engine (continuous batching over the paged KV cache), the same on torch ops only
+  (no native kernels: gather + SDPA decode attention), and the same with
   quantize=int8 (dynamic int8 matmuls, side by side with CTranslate2 int8);
 - transformers `generate` one request at a time (sequential);
 - transformers `generate` on one static, left-padded batch;
@@ -31,7 +31,7 @@ from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.sampling_params import SamplingParams
 from app.modeling.linear import LinearBackend, Quantize, build_linears
 from app.modeling.loader import load_model
-from app.modeling.native_attention import AttentionBackend
+from app.modeling.native import NativeKernels
 from tests.benchmarks.linear_micro import block_matmuls
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def bench_engine(
     token_ids: dict[str, list[int]] | None = None,
     linear_backend: LinearBackend = "auto",
     quantize: Quantize = "none",
-    attention_backend: AttentionBackend = "auto",
+    native_kernels: NativeKernels = "auto",
 ) -> dict[str, float]:
     """Throughput of our engine; `token_ids`, when given, receives each request's output
     (emptied first: a repeated run replaces, not extends, what an earlier one wrote)."""
@@ -70,7 +70,7 @@ def bench_engine(
             max_num_batched_tokens=2048,
             linear_backend=linear_backend,
             quantize=quantize,
-            attention_backend=attention_backend,
+            native_kernels=native_kernels,
         ),
     )
     for i, prompt in enumerate(prompts):
@@ -226,15 +226,15 @@ def head_to_head_runs(
         runs["kogpt-serve (aten matmuls)"] = lambda: bench_engine(
             model, loaded.tokenizer, prompts, args.new_tokens, linear_backend="aten"
         )
-    if "torch-attention" not in skip:
-        # The same engine with the gather + SDPA decode attention: what the native kernel buys.
-        runs["kogpt-serve (torch attention)"] = lambda: bench_engine(
+    if "no-native" not in skip:
+        # The same engine on torch ops only (gather + SDPA attention): what the C kernels buy.
+        runs["kogpt-serve (no native kernels)"] = lambda: bench_engine(
             model,
             loaded.tokenizer,
             prompts,
             args.new_tokens,
             linear_backend=args.linear_backend,
-            attention_backend="torch",
+            native_kernels="off",
         )
     if "int8" not in skip:  # app/modeling/linear.py's Int8Dynamic: lossy, like ct2 int8
         runs["kogpt-serve int8"] = lambda: bench_engine(
@@ -286,8 +286,7 @@ def main() -> None:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma list of: sequential,static,continuous,bound,options,ct2,aten,int8,"
-        "torch-attention",
+        help="comma list of: sequential,static,continuous,bound,options,ct2,aten,int8,no-native",
     )
     parser.add_argument(
         "--rounds",

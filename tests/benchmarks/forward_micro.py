@@ -11,7 +11,7 @@ shuffled block ids, decode one token each. Printed (median of ``--repeat`` runs)
 2. the "linear bound": the same matmuls (c_attn, c_proj, c_fc, mlp c_proj per layer + the LM
    head) on [seqs, 768] inputs, without layer norms, activations or attention;
 3. attention + KV write for all layers, as the forward runs it (on a float32 CPU with a C
-   compiler: the native kernel reading blocks in place, app/modeling/native_attention.py;
+   compiler: the native kernel reading blocks in place, app/modeling/native.py;
    else whole-block gather + one SDPA call per decode batch of <= CPU_DECODE_BATCH_TOKENS
    keys), and, interleaved with it, the alternatives that were tried, each checked against
    it: the torch path when the kernel is the kept one, all
@@ -204,7 +204,7 @@ def main() -> None:
 
     x = torch.randn(args.seqs, 768)
     linears = model.linears()  # the forward's own matmul backend (app/modeling/linear.py)
-    print(f"matmul backend: {linears.backend}, decode attention: {model.decode_attention()}")
+    print(f"matmul backend: {linears.backend}, native kernels: {model.uses_native()}")
 
     @torch.inference_mode()
     def linear_only():

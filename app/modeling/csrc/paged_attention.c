@@ -1,6 +1,6 @@
 /* Decode attention that reads the paged KV cache in place (float32, CPU).
  *
- * Built and loaded by app/modeling/native_attention.py (plain C, no torch headers: the
+ * Built and loaded by app/modeling/native.py (plain C, no torch headers: the
  * compiler takes about a second). The torch path gathers every sequence's K/V blocks into
  * a contiguous buffer per layer and then runs SDPA over it, so each cached value crosses
  * memory three times; here it is read once, where it lies.
@@ -14,8 +14,7 @@
  * position p lives in slot tables[i][p / block_size] * block_size + p % block_size.
  *
  * The softmax is exact (max, exp, sum over the whole context, then one weighted sum of V),
- * with a vectorizable exp (Cephes' expf: range reduction and a degree-5 polynomial, within
- * 2 ulp of libm). Results differ from SDPA by float32 rounding only.
+ * with the vectorizable exp of fast_exp.h. Results differ from SDPA by float32 rounding only.
  */
 #include <math.h>
 #include <stdint.h>
@@ -23,24 +22,7 @@
 
 #include <omp.h>
 
-/* exp(x) for x <= 0 (scores minus their max): Cephes expf, branch-free so loops vectorize. */
-static inline float exp_nonpositive(float x) {
-    const float lo = -87.3f; /* below: exp underflows to (almost) 0 */
-    x = x < lo ? lo : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f; /* Cody-Waite: ln 2 in two parts */
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { float f; int32_t i; } scale;
-    scale.i = ((int32_t)n + 127) << 23; /* 2^n; n >= -126 given the clamp */
-    return p * scale.f;
-}
+#include "fast_exp.h"
 
 static void attend_one(const float *qi, const float *k_cache, const float *v_cache,
                        const int32_t *table, int32_t ctx, int32_t n_head, int32_t h0,

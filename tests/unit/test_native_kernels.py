@@ -1,4 +1,4 @@
-"""The native paged decode attention (app/modeling/native_attention.py + csrc kernel)."""
+"""The native paged decode attention (app/modeling/native.py + csrc kernel)."""
 
 from __future__ import annotations
 
@@ -12,22 +12,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.activations import ACT2FN
 
 from app.config import Settings
-from app.modeling import native_attention
+from app.modeling import native
 from app.modeling.attention_metadata import SeqChunk, build_step_input
 from app.modeling.gpt2 import PagedGPT2
 from app.modeling.kv_cache import KVCache
-from app.modeling.native_attention import (
-    load_kernel,
+from app.modeling.native import (
+    gelu_new_,
+    load_kernels,
     paged_decode_attention,
-    resolve_attention_backend,
+    resolve_native_kernels,
 )
 from tests.unit.test_engine import make_engine, run_all
 
 CPU = torch.device("cpu")
 needs_kernel = pytest.mark.skipif(
-    load_kernel()[0] is None, reason=f"native kernel unavailable: {load_kernel()[1]}"
+    load_kernels()[0] is None, reason=f"native kernels unavailable: {load_kernels()[1]}"
 )
 
 
@@ -143,9 +145,11 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 
 @needs_kernel
 def test_paged_forward_native_equals_torch_and_transformers() -> None:
-    """A mixed step (a fresh prompt, a continued chunk, decodes of several lengths): the
-    native decode rows match the gather + SDPA path and transformers' own logits."""
+    """A mixed step (a fresh prompt, a continued chunk, decodes of several lengths): with the
+    native kernels (decode attention, gelu_new) the logits match torch's ops and
+    transformers' own."""
     model = tiny_gpt2()
+    assert model.config.activation_function == "gelu_new"
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (9, 30, 17, 1, 40)]
     B = 4
@@ -155,9 +159,9 @@ def test_paged_forward_native_equals_torch_and_transformers() -> None:
         tables.append(list(range(next_block, next_block + nb))[::-1])  # reversed: scattered
         next_block += nb
     logits = {}
-    for backend in ("native", "torch"):
-        paged = PagedGPT2.from_hf(model, attention_backend=backend)
-        assert paged.decode_attention() == backend
+    for setting in ("on", "off"):
+        paged = PagedGPT2.from_hf(model, native_kernels=setting)
+        assert paged.uses_native() == (setting == "on")
         kv = KVCache.allocate(model.config, next_block, B, torch.float32)
         # Step 1: every prompt but its last token (the 1-token prompt: nothing yet).
         pairs = list(zip(prompts, tables, strict=True))
@@ -168,29 +172,53 @@ def test_paged_forward_native_equals_torch_and_transformers() -> None:
         second = [SeqChunk(p[-1:], len(p) - 1, t) for p, t in pairs[:4]]
         second.append(SeqChunk(prompts[4][-2:], 38, tables[4]))
         step = build_step_input(second, B, "cpu", paged_decode=paged.paged_decode)
-        assert (step.paged_decode is not None) == (backend == "native")
-        logits[backend] = paged(step, kv)
-    torch.testing.assert_close(logits["native"], logits["torch"], rtol=1e-5, atol=1e-5)
+        assert (step.paged_decode is not None) == (setting == "on")
+        logits[setting] = paged(step, kv)
+    torch.testing.assert_close(logits["on"], logits["off"], rtol=1e-5, atol=1e-5)
     for row, p in enumerate(prompts):
         want = model(torch.tensor([p])).logits[0, -1]
-        torch.testing.assert_close(logits["native"][row], want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits["on"][row], want, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_picks_native_only_for_float32_on_cpu() -> None:
-    want = "native" if load_kernel()[0] is not None else "torch"
-    assert resolve_attention_backend("auto", CPU, torch.float32) == want
-    assert resolve_attention_backend("auto", CPU, torch.float64) == "torch"
-    assert resolve_attention_backend("auto", torch.device("cuda"), torch.float16) == "torch"
-    assert resolve_attention_backend("torch", CPU, torch.float32) == "torch"
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gelu_matches_transformers(threads: int) -> None:
+    """In place, every magnitude (tails where exp underflows, both signs, exact 0), sizes
+    below and above the threaded cut; float32 rounding of transformers' gelu_new."""
+    g = torch.Generator().manual_seed(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (1, 7, 1000, 70_000):
+            x = torch.randn(n, generator=g) * 4
+            x[0] = 0.0
+            if n > 3:
+                x[1], x[2], x[3] = -100.0, 100.0, -9.0
+            want = ACT2FN["gelu_new"](x.double())
+            y = x.clone()
+            assert gelu_new_(y) is y
+            torch.testing.assert_close(y.double(), want, rtol=2e-6, atol=1e-7)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        gelu_new_(torch.zeros(4, dtype=torch.float64))
 
 
-def test_native_refused_where_it_does_not_apply() -> None:
+def test_auto_uses_them_only_for_float32_on_cpu() -> None:
+    built = load_kernels()[0] is not None
+    assert resolve_native_kernels("auto", CPU, torch.float32) == built
+    assert not resolve_native_kernels("auto", CPU, torch.float64)
+    assert not resolve_native_kernels("auto", torch.device("cuda"), torch.float16)
+    assert not resolve_native_kernels("off", CPU, torch.float32)
+
+
+def test_on_refused_where_they_do_not_apply() -> None:
     with pytest.raises(ValueError, match="float32 on CPU only"):
-        resolve_attention_backend("native", CPU, torch.float64)
-    with pytest.raises(ValueError, match="attention_backend must be"):
-        resolve_attention_backend("flash", CPU, torch.float32)
-    with pytest.raises(ValidationError, match="attention_backend"):
-        Settings(attention_backend="flash")  # type: ignore[arg-type]
+        resolve_native_kernels("on", CPU, torch.float64)
+    with pytest.raises(ValueError, match="native_kernels must be"):
+        resolve_native_kernels("yes", CPU, torch.float32)
+    with pytest.raises(ValidationError, match="native_kernels"):
+        Settings(native_kernels="yes")  # type: ignore[arg-type]
 
 
 def test_float64_forward_refuses_a_paged_decode_step() -> None:
@@ -199,56 +227,53 @@ def test_float64_forward_refuses_a_paged_decode_step() -> None:
     assert not paged.paged_decode
     kv = KVCache.allocate(model.config, 2, 4, torch.float64)
     step = build_step_input([SeqChunk([5], 3, [1])], 4, "cpu", paged_decode=True)
-    with pytest.raises(ValueError, match="native decode attention"):
+    with pytest.raises(ValueError, match="needs the native kernels"):
         paged(step, kv)
 
 
-def test_without_a_compiler_auto_falls_back_and_native_fails(
+def test_without_a_compiler_auto_falls_back_and_on_fails(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    native_attention.load_kernel.cache_clear()
+    native.load_kernels.cache_clear()
     try:
-        lib, why = load_kernel()
+        lib, why = load_kernels()
         assert lib is None and "no C compiler" in why
         with caplog.at_level(logging.WARNING, logger="kogpt.native"):
-            assert resolve_attention_backend("auto", CPU, torch.float32) == "torch"
-        assert "falls back to torch" in caplog.text
-        with pytest.raises(ValueError, match="native is unavailable: no C compiler"):
-            resolve_attention_backend("native", CPU, torch.float32)
+            assert not resolve_native_kernels("auto", CPU, torch.float32)
+        assert "native kernels off, torch ops only" in caplog.text
+        with pytest.raises(ValueError, match="unavailable: no C compiler"):
+            resolve_native_kernels("on", CPU, torch.float32)
     finally:
         monkeypatch.delenv("CC")
-        native_attention.load_kernel.cache_clear()
+        native.load_kernels.cache_clear()
 
 
 @needs_kernel
-def test_a_broken_build_is_reported(
-    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
-) -> None:  # type: ignore[no-untyped-def]
+def test_a_broken_build_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A compiler error names the compiler and its message; the cache stays clean."""
-    bad = tmp_path / "bad.c"
-    bad.write_text("this is not C\n")
-    monkeypatch.setattr(native_attention, "SOURCE", bad)
+    (tmp_path / "bad.c").write_text("this is not C\n")
+    monkeypatch.setattr(native, "CSRC", tmp_path)
     monkeypatch.setenv("KOGPT_NATIVE_CACHE", str(tmp_path / "cache"))
-    native_attention.load_kernel.cache_clear()
+    native.load_kernels.cache_clear()
     try:
-        lib, why = load_kernel()
-        assert lib is None and "building the native kernel failed" in why and "error" in why
+        lib, why = load_kernels()
+        assert lib is None and "building the native kernels failed" in why and "error" in why
         assert list((tmp_path / "cache").iterdir()) == []  # no half-built library left
     finally:
-        native_attention.load_kernel.cache_clear()
+        native.load_kernels.cache_clear()
 
 
 @needs_kernel
 def test_engine_greedy_native_equals_torch(tiny_model, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
     """float32 engine runs (decodes of many lengths, chunked prompts, prefix hits) give the
-    same greedy tokens with either decode attention, and free every block."""
+    same greedy tokens with and without the native kernels, and free every block."""
     model = copy.deepcopy(tiny_model).float()  # the fixture is float64
     prompts = [tiny_tokenizer(p)["input_ids"] for p in ("대한민국은", "모든 국민은 " * 6, "a b")]
     jobs = [(p, {"max_new_tokens": 12, "min_new_tokens": 12}) for p in prompts * 2]
     got = {}
-    for backend in ("native", "torch"):
-        engine = make_engine(model, tiny_tokenizer, attention_backend=backend)
-        assert engine.runner.model.decode_attention() == backend
-        got[backend] = run_all(engine, jobs)  # asserts every KV block is free at the end
-    assert got["native"] == got["torch"]
+    for setting in ("on", "off"):
+        engine = make_engine(model, tiny_tokenizer, native_kernels=setting)
+        assert engine.runner.model.uses_native() == (setting == "on")
+        got[setting] = run_all(engine, jobs)  # asserts every KV block is free at the end
+    assert got["on"] == got["off"]
