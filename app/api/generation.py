@@ -151,10 +151,13 @@ def build_params(
     renames: dict[str, str] | None = None,
     *,
     exact_lane: bool = False,
+    logprobs: bool = True,
 ) -> SamplingParams:
     """Route the options by the option table, then resolve and validate them; a bad option is
     a 422 named as the caller named it. `exact_lane`: the caller serves output_attentions /
-    output_hidden_states (app/api/exact_lane.py); elsewhere they are a 422."""
+    output_hidden_states (app/api/exact_lane.py); elsewhere they are a 422. `logprobs`:
+    False when the response shows no token log-prob and none ranks the sequences (the
+    engine then skips their full-row log-softmax)."""
     renames = {"inputs": "inputs", **(renames or {})}
     try:
         split = split_options(options, draft_model=state.settings.draft_model is not None)
@@ -187,6 +190,8 @@ def build_params(
             encode=lambda text: encode(state, text),
             vocab_size=int(state.loaded.config.vocab_size),
         )
+        # Several sequences: the routes rank them by summed log-probs (best_of, TGI order).
+        params.logprobs = logprobs or params.num_return_sequences > 1
         if not split.class_b:
             return params
         params = resolve_class_b(

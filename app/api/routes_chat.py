@@ -273,7 +273,7 @@ async def chat_completions(
     check_model(state, body.model)
     ids, text = chat_prompt(state, body.messages)
     options, renames, n = chat_options(state, body, ids)
-    params = build_params(state, options, len(ids), renames)
+    params = build_params(state, options, len(ids), renames, logprobs=bool(body.logprobs))
     request_id = getattr(request.state, "request_id", "-")
     ctx = RequestContext(request.url.path, request_id, body.user, text)
     builder = ChatBuilder(state, body, ids, n)

@@ -121,7 +121,11 @@ def prepare(state: ServerState, body: GenerateRequest, stream: bool = False) -> 
     check_prompt_ids(state, prompt_ids, field)
     options, renames = body.parameters.generate_options()
     renames = {"inputs": field, **renames}
-    params = build_params(state, options, len(prompt_ids), renames, exact_lane=not stream)
+    # Streams show every token's log-prob, details show them (ranking: build_params).
+    wanted = stream or body.parameters.details
+    params = build_params(
+        state, options, len(prompt_ids), renames, exact_lane=not stream, logprobs=wanted
+    )
     exact = exact_outputs(options)
     if exact:
         check_cap(state, len(prompt_ids), params, exact)

@@ -324,7 +324,12 @@ async def completions(
         else:
             renames_here = {**renames, "inputs": field}
             params = build_params(
-                state, options, len(ids), renames_here, exact_lane=not body.stream
+                state,
+                options,
+                len(ids),
+                renames_here,
+                exact_lane=not body.stream,
+                logprobs=body.logprobs is not None,  # token_logprobs shown
             )
             if exact:
                 check_cap(state, len(ids), params, exact)

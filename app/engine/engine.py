@@ -265,7 +265,7 @@ class LLMEngine:
                 index,
                 text,
                 [token],
-                [pick.logprob],
+                [pick.logprob] if state.params.logprobs else [],
                 seq.num_output_tokens,
                 reason,
                 top_token_ids=[pick.top_ids],

@@ -70,6 +70,7 @@ class SamplingRow:
     max_length: int = 0  # total length at which generation stops (forced_eos_token_id)
     options: SamplingParams | None = None  # set only when params.has_logits_options
     top_n: int = 0  # top alternatives to report
+    logprob: bool = True  # False: the chosen token's log-prob is not computed (not reported)
     # Classifier-free guidance: the companion (negative prompt) sequence's logits row.
     guidance_scale: float = 1.0
     uncond_logits: torch.Tensor | None = None
@@ -97,6 +98,7 @@ class SamplingRow:
             max_length=params.stop_length(prompt_len),
             options=params if params.has_logits_options else None,
             top_n=params.top_n_tokens,
+            logprob=params.logprobs,
         )
 
 
@@ -253,7 +255,7 @@ class Sampler:
         if extra:
             apply_post(scores, extra, touched, self.fallback)
         tokens = torch.empty(size, dtype=torch.long, device=device)
-        logprobs = torch.empty(size, dtype=torch.float32, device=device)
+        logprobs = torch.full((size,), math.nan, dtype=torch.float32, device=device)
         if ng:
             tokens[:ng] = torch.argmax(scores[:ng], dim=-1)
         if full:
@@ -269,6 +271,7 @@ class Sampler:
                 top_k, fills.tensor(), noise_rows, fills.zero_rows()
             )
         for members in (list(range(nf)), slow):  # every other row: a full-row log-softmax
+            members = [m for m in members if prow[m].logprob]
             if members:
                 chosen = tokens[torch.tensor(members, device=device)][:, None]
                 lp = torch.log_softmax(_rows(scores, members), dim=-1).gather(1, chosen)

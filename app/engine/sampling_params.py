@@ -131,6 +131,10 @@ class SamplingParams:
     watermarking_config: dict[str, Any] | None = None  # transformers.WatermarkingConfig fields
     # API-only (not an HF field): return this many top alternatives per token (0..5).
     top_n_tokens: int = 0
+    # Not an option: whether each chosen token's log-prob is computed (a full-row
+    # log-softmax for greedy rows). The HTTP layer turns it off when the response shows no
+    # log-prob and none ranks the sequences (OpenAI without `logprobs`, TGI without details).
+    logprobs: bool = True
     # Prompt-lookup decoding (speculative: no effect on output, see spec_decode.py).
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None

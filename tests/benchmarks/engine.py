@@ -75,7 +75,9 @@ def bench_engine(
     )
     for i, prompt in enumerate(prompts):
         extra = options[i] if options else {}
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, **extra)
+        # logprobs=False: what an OpenAI completions request without `logprobs` asks (the
+        # peers compute no log-probs either).
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, logprobs=False, **extra)
         engine.add_request(f"r{i}", prompt, params)
     generated = 0
     start = time.perf_counter()
@@ -384,7 +386,7 @@ def main() -> None:
             print(f"  {name:34s} {s['tok_s']:9.1f} tok/s  ({s['seconds']:.2f} s)")
         for name, r in ratios.items():
             print(f"  kogpt-serve / {name:28s} {r:6.2f}x")
-        if extra:
+        if "greedy_agreement_ours_vs_ct2_float32" in extra:
             agree = extra["greedy_agreement_ours_vs_ct2_float32"]
             print(
                 f"  greedy outputs identical to CTranslate2 fp32: {agree['identical']}/"
