@@ -18,7 +18,10 @@ tests/benchmarks/forward_micro.py):
   batch. Sequences of very different lengths are sorted into batches of similar length;
 - with ``paged_decode=True`` (the native kernel, app/modeling/native.py) all
   single-token chunks form one ``PagedDecode`` instead: block tables and context lengths,
-  no padding, no gather; the kernel reads the blocks in place;
+  no padding, no gather; the kernel reads the blocks in place. Chunks of up to
+  ``PAGED_CHUNK_MAX_TOKENS`` tokens join it too, one row per token with its causal context
+  (each token's k/v is in the cache before attention): short prompts then cost no SDPA
+  call, mask or gather of their own;
 - multi-token chunks (prefill) get one call each: padding chunks of different lengths
   together would waste (longest chunk x longest context) work on every shorter chunk, and
   there are only a few of them per step (the token budget bounds their total length). A
@@ -109,6 +112,10 @@ class StepInput:
 # gather + SDPA over all decodes (tests/benchmarks/forward_micro.py).
 CPU_DECODE_BATCH_TOKENS = 384
 
+# Longest chunk attended row by row by the native kernel (paged_decode); longer ones use
+# SDPA, whose tiled matmuls do the chunk's n x context work faster than n separate rows.
+PAGED_CHUNK_MAX_TOKENS = 64
+
 
 def _slots(bt_flat: torch.Tensor, bt_off: torch.Tensor, pos: torch.Tensor, block_size: int):
     """Vectorized ``block_table[p // B] * B + p % B`` over a flat concatenation of tables."""
@@ -156,13 +163,15 @@ def build_step_input(
     max_positions: int | None = None,
     decode_batch_tokens: int | str = "auto",
     paged_decode: bool = False,
+    paged_chunk_tokens: int = PAGED_CHUNK_MAX_TOKENS,
 ) -> StepInput:
     """Build every tensor of one step. ``seqs`` may be any objects with SeqChunk's fields.
 
     ``decode_batch_tokens`` caps the padded context (keys) of one decode attention batch:
     "auto" is CPU_DECODE_BATCH_TOKENS on CPU and unbounded elsewhere; <= 0 is unbounded.
-    ``paged_decode``: single-token chunks as one ``PagedDecode`` (the native kernel's input)
-    instead of ``DecodeBatch``es.
+    ``paged_decode``: single-token chunks, and chunks of up to ``paged_chunk_tokens`` tokens
+    row by row, as one ``PagedDecode`` (the native kernel's input) instead of
+    ``DecodeBatch``es and per-chunk SDPA calls.
     Index math runs on CPU (tiny int tensors), then each tensor moves to ``device`` once.
     """
     if not seqs:
@@ -224,20 +233,25 @@ def build_step_input(
     decode_mask = None
     paged = None
     dec_idx = [i for i, n in enumerate(lens) if n == 1]
-    if dec_idx and paged_decode:
-        width = max(n_blocks[i] for i in dec_idx)
-        tables = []
-        for i in dec_idx:
+    most = max(1, paged_chunk_tokens)  # single tokens always
+    paged_idx = [i for i, n in enumerate(lens) if n <= most] if paged_decode else []
+    if paged_idx:
+        width = max(n_blocks[i] for i in paged_idx)
+        tables, ctx_lens, rows = [], [], []
+        for i in paged_idx:
             table = seqs[i].block_table[: n_blocks[i]]
-            tables.append(table + [table[-1]] * (width - len(table)))
-        ctx_lens = [starts[i] + 1 for i in dec_idx]
+            table = table + [table[-1]] * (width - len(table))
+            for r in range(lens[i]):  # token r (position start + r) sees positions 0..start+r
+                tables.append(table)
+                ctx_lens.append(starts[i] + r + 1)
+                rows.append(cu_list[i] + r)
         paged = PagedDecode(
-            rows=torch.tensor([cu_list[i] for i in dec_idx], dtype=torch.long).to(device),
+            rows=torch.tensor(rows, dtype=torch.long).to(device),
             context_lens=torch.tensor(ctx_lens, dtype=torch.int32).to(device),
             block_tables=torch.tensor(tables, dtype=torch.int32).to(device),
             max_context=max(ctx_lens),
         )
-    elif dec_idx:
+    elif dec_idx:  # not paged_decode
         cap = decode_batch_tokens
         if cap == "auto":
             cap = CPU_DECODE_BATCH_TOKENS if torch.device(device).type == "cpu" else 0
@@ -288,8 +302,9 @@ def build_step_input(
             b_off += n * nb
 
     prefills = []
+    in_paged = set(paged_idx)
     for i, n in enumerate(lens):
-        if n == 1:
+        if n == 1 or i in in_paged:
             continue
         st = starts[i]
         ctx_len = st + n

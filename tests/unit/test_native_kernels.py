@@ -144,10 +144,12 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 
 
 @needs_kernel
-def test_paged_forward_native_equals_torch_and_transformers() -> None:
-    """A mixed step (a fresh prompt, a continued chunk, decodes of several lengths): with the
-    native kernels (decode attention, gelu_new) the logits match torch's ops and
-    transformers' own."""
+@pytest.mark.parametrize("chunk_tokens", [64, 16, 1])
+def test_paged_forward_native_equals_torch_and_transformers(chunk_tokens: int) -> None:
+    """Prompt chunks, a continued chunk and decodes of several lengths: with the native
+    kernels (attention, gelu_new) the logits match torch's ops and transformers' own, whether
+    the chunks are attended row by row by the kernel (up to ``chunk_tokens`` tokens) or by
+    SDPA."""
     model = tiny_gpt2()
     assert model.config.activation_function == "gelu_new"
     g = torch.Generator().manual_seed(3)
@@ -166,13 +168,22 @@ def test_paged_forward_native_equals_torch_and_transformers() -> None:
         # Step 1: every prompt but its last token (the 1-token prompt: nothing yet).
         pairs = list(zip(prompts, tables, strict=True))
         first = [SeqChunk(p[:-1], 0, t, sample=False) for p, t in pairs if len(p) > 1]
-        paged(build_step_input(first, B, "cpu", paged_decode=paged.paged_decode), kv)
+        native = paged.paged_decode
+        paged(
+            build_step_input(first, B, "cpu", paged_decode=native, paged_chunk_tokens=chunk_tokens),
+            kv,
+        )
         # Step 2: one decode token each, except the 40-token prompt, which continues with a
         # 2-token chunk after rewinding one token (its last two tokens recomputed).
         second = [SeqChunk(p[-1:], len(p) - 1, t) for p, t in pairs[:4]]
         second.append(SeqChunk(prompts[4][-2:], 38, tables[4]))
-        step = build_step_input(second, B, "cpu", paged_decode=paged.paged_decode)
+        step = build_step_input(
+            second, B, "cpu", paged_decode=native, paged_chunk_tokens=chunk_tokens
+        )
         assert (step.paged_decode is not None) == (setting == "on")
+        if setting == "on":  # 4 decodes, and the 2-token chunk row by row or by SDPA
+            assert len(step.paged_decode.rows) == (6 if chunk_tokens >= 2 else 4)
+            assert len(step.prefills) == (0 if chunk_tokens >= 2 else 1)
         logits[setting] = paged(step, kv)
     torch.testing.assert_close(logits["on"], logits["off"], rtol=1e-5, atol=1e-5)
     for row, p in enumerate(prompts):
@@ -277,3 +288,20 @@ def test_engine_greedy_native_equals_torch(tiny_model, tiny_tokenizer) -> None: 
         assert engine.runner.model.uses_native() == (setting == "on")
         got[setting] = run_all(engine, jobs)  # asserts every KV block is free at the end
     assert got["on"] == got["off"]
+
+
+def test_paged_layout_rows_and_contexts() -> None:
+    """Each token of a short chunk is a row with its causal context; longer chunks stay SDPA
+    prefills; tables are padded with their last id to the widest."""
+    seqs = [
+        SeqChunk([7, 8, 9], 5, [4, 2]),  # positions 5..7
+        SeqChunk([1], 20, [0, 1]),  # a decode at position 20
+        SeqChunk(list(range(10)), 0, [3, 5, 6]),  # longer than the cut: SDPA
+    ]
+    step = build_step_input(seqs, 16, "cpu", paged_decode=True, paged_chunk_tokens=4)
+    pd = step.paged_decode
+    assert pd is not None and pd.max_context == 21
+    assert pd.rows.tolist() == [0, 1, 2, 3]
+    assert pd.context_lens.tolist() == [6, 7, 8, 21]
+    assert pd.block_tables.tolist() == [[4, 4], [4, 4], [4, 4], [0, 1]]  # blocks needed
+    assert [(p.start, p.end) for p in step.prefills] == [(4, 14)] and not step.decode
