@@ -5,7 +5,7 @@ Columns: the contract class (../shared/GENERATE_OPTIONS.md: A..F, or "API" for A
 fields), type, allowed range, default when omitted, status, `via` (who handles a served
 value: the batched engine, the HTTP layer, or the exact slow lane), the tests that cover
 it, a valid example (served fields) and the neutral values that count as "omitted" for a
-field that is rejected. `split_options` (generation.py) drives the behaviour from it, and
+field that is rejected. `split_options` (option_routing.py) drives the behaviour from it, and
 tests/unit/test_option_table.py keeps it true. docs/options.md is generated:
 
     python -m app.api.option_table --markdown > docs/options.md

@@ -25,12 +25,12 @@ from app.api.generation import (
     check_prompt_ids,
     decoder,
     encode,
-    exact_outputs,
     finish_name,
     run_to_completion,
     stream_request,
     token_steps,
 )
+from app.api.option_routing import exact_outputs
 from app.api.schemas import (
     BestOfSequence,
     Details,

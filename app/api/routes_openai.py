@@ -27,7 +27,6 @@ from app.api.generation import (
     check_prompt_ids,
     decoder,
     encode,
-    exact_outputs,
     run_to_completion,
     stream_request,
     token_steps,
@@ -39,6 +38,7 @@ from app.api.openai_mapping import (
     merge_logprobs,
     select,
 )
+from app.api.option_routing import exact_outputs
 from app.api.schemas_openai import (
     CompletionChoice,
     CompletionChunk,

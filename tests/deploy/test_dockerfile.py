@@ -161,3 +161,13 @@ def test_build_context_keeps_what_the_build_copies(stages: list[Stage]) -> None:
                 parts = Path(source).parts
                 prefixes = {"/".join(parts[: i + 1]) for i in range(len(parts))}
                 assert prefixes & allowed, f"COPY {source} is excluded by .dockerignore"
+
+
+def test_runtime_can_build_the_native_kernels(runtime: Stage) -> None:
+    """app/modeling/native.py compiles its C kernels at first start (-march=native): the
+    runtime image needs a C compiler and libc headers, and the package ships the sources."""
+    runs = " ".join(ins.args for ins in runtime.all("RUN"))
+    assert "gcc" in runs and "libc6-dev" in runs
+    package_data = pyproject()["tool"]["setuptools"]["package-data"]["app"]
+    assert {"modeling/csrc/*.c", "modeling/csrc/*.h"} <= set(package_data)
+    assert list((REPO / "app" / "modeling" / "csrc").glob("*.c"))

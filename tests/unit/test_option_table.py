@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from transformers import GenerationConfig
 
-from app.api.generation import split_options
+from app.api.option_routing import split_options
 from app.api.option_table import (
     CLASSES,
     GENERATION_CONFIG_CLASSES,
