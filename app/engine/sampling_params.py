@@ -79,12 +79,10 @@ _LOGITS_FIELDS = (
 
 @dataclass
 class SamplingParams:
-    """Resolved generate options for one request.
-
-    After `resolve_sampling_params`, `max_length` / `min_length` are absolute (they count the
-    prompt, as in transformers) and `max_new_tokens` / `min_new_tokens` are the matching counts
-    of new tokens. Built by hand, the usual precedence applies (see `stop_length`).
-    """
+    """Resolved generate options for one request. After `resolve_sampling_params`,
+    `max_length` / `min_length` are absolute (they count the prompt, as in transformers) and
+    `max_new_tokens` / `min_new_tokens` are the matching counts of new tokens. Built by hand,
+    the usual precedence applies (see `stop_length`)."""
 
     max_new_tokens: int | None = None
     max_length: int | None = None
@@ -131,9 +129,7 @@ class SamplingParams:
     watermarking_config: dict[str, Any] | None = None  # transformers.WatermarkingConfig fields
     # API-only (not an HF field): return this many top alternatives per token (0..5).
     top_n_tokens: int = 0
-    # Not an option: whether each chosen token's log-prob is computed (a full-row
-    # log-softmax for greedy rows). The HTTP layer turns it off when the response shows no
-    # log-prob and none ranks the sequences (OpenAI without `logprobs`, TGI without details).
+    # Not an option: compute each chosen token's log-prob (off: see build_params).
     logprobs: bool = True
     # Prompt-lookup decoding (speculative: no effect on output, see spec_decode.py).
     prompt_lookup_num_tokens: int | None = None

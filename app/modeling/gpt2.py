@@ -89,7 +89,7 @@ class AttentionPlan:
     out: torch.Tensor  # [T, H, hd] attention output, every row rewritten by every layer
     decode: list[_DecodeView]
     prefill: list[_PrefillView]
-    paged: PagedDecode | None = None  # single-token chunks for the native kernel
+    paged: PagedDecode | None = None  # rows the native kernel attends (decodes, short chunks)
 
 
 class PagedGPT2(nn.Module):
