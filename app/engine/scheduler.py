@@ -277,6 +277,21 @@ class Scheduler:
             needed += max(0, self.kv.blocks_for_tokens(seq.num_computed_tokens + n) - table_len)
         if needed > self.kv.num_free_blocks:
             return False
+        if hits:  # adopt every prefix hit first: a fresh block for one sequence may evict
+            # (reuse) a free cached block that a later sequence's hits still name
+            for seq in live:
+                cached = hits[seq.seq_id]
+                if (
+                    cached
+                    and not self.kv.has_seq(seq.seq_id)
+                    and (
+                        self.kv.allocate_slots(seq.seq_id, seq.num_computed_tokens, 0, cached)
+                        is None
+                    )
+                ):
+                    for s in live:
+                        self.kv.free(s.seq_id)
+                    return False
         for seq, n in zip(live, plan, strict=True):
             if n == 0 and self.kv.has_seq(seq.seq_id):
                 continue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app.engine.request import FinishReason, Request, Sequence
@@ -135,6 +135,19 @@ job = st.tuples(
     caching=st.booleans(),
     arrivals=st.lists(st.integers(0, 3), min_size=7, max_size=7),
     aborts=st.sets(st.integers(0, 6), max_size=2),
+)
+# Found by hypothesis: r2's two sequences, preempted and re-admitted together, looked up
+# their prefix hits first; the fresh block of the first one evicted the free cached block
+# the second one's hits named, so both used it.
+@example(
+    jobs=[([1], 2, 1), ([0, 0, 0, 0, 0], 4, 2), ([0, 0, 0, 0, 1], 3, 2)],
+    num_blocks=18,
+    block_size=1,
+    budget=6,
+    max_seqs=4,
+    caching=True,
+    arrivals=[0, 0, 2, 0, 0, 0, 0],
+    aborts=set(),
 )
 def test_random_workloads_keep_invariants(
     jobs, num_blocks, block_size, budget, max_seqs, caching, arrivals, aborts
