@@ -174,7 +174,7 @@ def _min_length(scores: torch.Tensor, rows: Sequence[SamplingRow], touched: list
     r: list[int] = []
     c: list[int] = []
     for i, row in enumerate(rows):
-        if row.eos_token_ids and len(row.token_ids) < row.min_length:
+        if row.bans_eos:
             for eos in row.eos_token_ids:
                 if 0 <= eos < vocab:  # HF's isin() ignores ids outside the vocab
                     r.append(i)

@@ -38,7 +38,7 @@ class ModelRunner:
         self.config = hf_model.config
         self.hf_model = hf_model  # kept for transformers-side preparation (beam search)
         self.model = PagedGPT2.from_hf(hf_model, linear_backend, quantize, native_kernels)
-        # Packs weights and builds the native kernel now: a bad backend fails at start-up.
+        # Packs weights and builds the native kernels now: a bad backend fails at start-up.
         self.model.linears()
         self.model.uses_native()
         self.device = next(hf_model.parameters()).device

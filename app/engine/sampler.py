@@ -77,6 +77,11 @@ class SamplingRow:
     # grammar / allowed_token_ids: this sequence's TokenConstraint (grammar.py), or None.
     constraint: TokenConstraint | None = None
 
+    @property
+    def bans_eos(self) -> bool:
+        """MinLength(NewTokens)LogitsProcessor applies: eos is banned at this length."""
+        return bool(self.eos_token_ids) and len(self.token_ids) < self.min_length
+
     @classmethod
     def from_params(
         cls,
@@ -319,10 +324,7 @@ def _read_only(rows: Sequence[SamplingRow]) -> bool:
     """No processor changes any row's scores: no options, guidance, grammar or active
     min-length (the only steps that run for rows without options, apply_processors)."""
     return all(
-        r.options is None
-        and r.uncond_logits is None
-        and r.constraint is None
-        and not (r.eos_token_ids and len(r.token_ids) < r.min_length)
+        r.options is None and r.uncond_logits is None and r.constraint is None and not r.bans_eos
         for r in rows
     )
 

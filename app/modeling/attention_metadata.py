@@ -70,7 +70,8 @@ class DecodeBatch:
 
 @dataclass
 class PagedDecode:
-    """All single-token chunks of a step, for the native kernel: it reads blocks in place."""
+    """The step's single tokens and short chunks, one row per token, for the native kernel
+    (it reads the blocks in place)."""
 
     rows: torch.Tensor  # [n] int64 flat rows of these tokens
     context_lens: torch.Tensor  # [n] int32, the new token included
@@ -232,9 +233,9 @@ def build_step_input(
     decode: list[DecodeBatch] = []
     decode_mask = None
     paged = None
-    dec_idx = [i for i, n in enumerate(lens) if n == 1]
     most = max(1, paged_chunk_tokens)  # single tokens always
     paged_idx = [i for i, n in enumerate(lens) if n <= most] if paged_decode else []
+    dec_idx = [] if paged_decode else [i for i, n in enumerate(lens) if n == 1]
     if paged_idx:
         width = max(n_blocks[i] for i in paged_idx)
         tables, ctx_lens, rows = [], [], []
@@ -251,7 +252,7 @@ def build_step_input(
             block_tables=torch.tensor(tables, dtype=torch.int32).to(device),
             max_context=max(ctx_lens),
         )
-    elif dec_idx:  # not paged_decode
+    elif dec_idx:
         cap = decode_batch_tokens
         if cap == "auto":
             cap = CPU_DECODE_BATCH_TOKENS if torch.device(device).type == "cpu" else 0

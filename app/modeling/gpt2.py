@@ -10,14 +10,14 @@ activation: ACT2FN's, or for gelu_new an equal but faster formula), so logits ma
 ``GPT2LMHeadModel`` to rounding (~1e-15 in float64, ~1e-5 in float32). The matmuls go through
 app/modeling/linear.py: HF's own ops, or on a float32 CPU oneDNN with prepacked weights
 (or, with quantize=int8, dynamic int8 matmuls: logits then differ beyond rounding). On a
-float32 CPU the decode rows' attention is one native kernel call per layer that reads the
-paged blocks in place, and gelu_new one native pass (app/modeling/native.py;
+float32 CPU the attention of decode rows and short chunks is one native kernel call per
+layer that reads the paged blocks in place, and gelu_new one native pass (app/modeling/native.py;
 native_kernels=off: torch ops, SDPA over gathered blocks).
 
 Per step, ``plan()`` builds every buffer and view the layers share (tests and the
 micro-benchmark call ``plan``/``attention`` directly); per layer, ``attention()`` writes the
-new k/v into their slots, then either calls the native kernel for all decode rows or
-gathers the contexts block by block and runs SDPA per batch (see
+new k/v into their slots, then calls the native kernel for the rows it takes (decodes and
+short chunks) and, for the others, gathers the contexts block by block and runs SDPA (see
 app/modeling/attention_metadata.py for how sequences are batched and why).
 """
 

@@ -262,14 +262,16 @@ def main() -> None:
         model.attention(one_plan, kc, vc, one_batch)
         o.copy_(one_plan.out)
 
-    batched = build_step_input(seqs, B, "cpu", decode_batch_tokens=cap)
-    batched_plan = plan_for(batched)
+    alts = []
+    if paged:  # the kept path is the kernel: the torch path is an alternative
+        batched = build_step_input(seqs, B, "cpu", decode_batch_tokens=cap)
+        batched_plan = plan_for(batched)
 
-    def torch_path(q, k, v, kc, vc, st, o):
-        model.attention(batched_plan, kc, vc, batched)
-        o.copy_(batched_plan.out)
+        def torch_path(q, k, v, kc, vc, st, o):
+            model.attention(batched_plan, kc, vc, batched)
+            o.copy_(batched_plan.out)
 
-    alts = [("block gather, SDPA per batch", torch_path)] if paged else []
+        alts.append(("block gather, SDPA per batch", torch_path))
     alts += [
         ("block gather, one SDPA batch", one_sdpa),
         ("slot gather, one SDPA batch", lambda *a: attn_row_gather(model, ix, *a)),
