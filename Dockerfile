@@ -13,8 +13,8 @@
 # mounted in by the NVIDIA Container Toolkit (`docker run --gpus all`, compose device
 # reservations, or the Kubernetes device plugin).
 #
-# Stages: `deps` (venv with torch + the project's dependencies; rebuilt only when
-# pyproject.toml or a torch argument changes), `wheel` (the kogpt-serve wheel; rebuilt when
+# Stages: `deps` (venv with torch + the project's locked dependencies; rebuilt only when
+# requirements/runtime.lock or a torch argument changes), `wheel` (the kogpt-serve wheel; rebuilt when
 # app/ changes, seconds) and `runtime` (non-root, the embedded model baked in).
 # See docs/deployment.md.
 
@@ -37,23 +37,25 @@ RUN python -m venv /opt/venv \
     && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 WORKDIR /src
-COPY pyproject.toml ./
-# The project's runtime dependencies, read from pyproject.toml (no source needed), with
-# torch pinned so that no other requirement can swap the chosen build for another one.
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps) + chr(10))" \
-    && pip install --no-cache-dir -r /tmp/requirements.txt "torch==${TORCH_VERSION}" \
-    && rm /tmp/requirements.txt
+# The runtime dependencies exactly as locked (requirements/runtime.lock, `make lock`): pinned
+# with hashes, torch excluded (it came from its own index above) but its dependencies in.
+COPY requirements/runtime.lock ./
+RUN pip install --no-cache-dir --require-hashes --no-deps -r runtime.lock
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS wheel
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
+# The build tools as locked (requirements/build.lock), in a venv of their own.
+COPY requirements/build.lock ./
+RUN python -m venv /opt/build \
+    && /opt/build/bin/pip install --no-cache-dir --require-hashes --no-deps -r build.lock
 # `pip wheel .` needs the metadata files (pyproject.toml names README.md as the readme) and
 # the package itself; nothing else of the repository is in the build context.
 COPY pyproject.toml README.md ./
 COPY app ./app
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+RUN /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -11,15 +11,26 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: install serve test lint format bench bench-engine bench-http random-base embedded-model clean browser soak
+# The committed lock (requirements/, made by `make lock`): every package but torch, pinned
+# with hashes, for CPython 3.11 on linux x86_64. torch stays out of it (its build, CPU or
+# CUDA, comes from TORCH_SPEC) but its own dependencies are in it. runtime.lock: the server
+# (the Dockerfile); dev.lock: runtime + dev + bench extras + build tools (make install);
+# build.lock: the wheel build (the Dockerfile); no-deps.lock: installed without dependencies.
+LOCK := requirements
+LOCKS := $(LOCK)/runtime.lock $(LOCK)/dev.lock $(LOCK)/build.lock $(LOCK)/no-deps.lock
+PIP_LOCKED := $(PY) -m pip install -q --require-hashes --no-deps
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: install serve test lint format lock upstream-check bench bench-engine bench-http random-base embedded-model clean browser soak
+
+$(VENV)/.installed: pyproject.toml $(LOCKS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PIP_LOCKED) -r $(LOCK)/dev.lock
 	# TGI's Python client pins huggingface-hub<1.0, which transformers 5 cannot use; its
-	# code works with the newer hub, so it is installed without its pins (tests use it).
-	$(PY) -m pip install -q --no-deps text-generation
+	# code works with the newer hub, so it is locked and installed without its pins.
+	$(PIP_LOCKED) -r $(LOCK)/no-deps.lock
+	# The package itself, built with the locked setuptools (no unpinned build-isolation download).
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -78,6 +89,30 @@ soak: install
 embedded-model: install
 	$(PY) -m pip install -q -e ".[train]"
 	$(PY) models/build_embedded.py
+
+# Refresh the lock from pyproject's ranges (newest versions they allow). torch's own
+# dependencies are resolved against the CPU wheel: TORCH_WHEELS holds it (a pip find-links
+# folder; this machine's is /opt/wheels), so no CUDA-only package enters the lock.
+TORCH_WHEELS ?= /opt/wheels
+UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --upgrade --generate-hashes \
+	--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--no-emit-package torch --custom-compile-command "make lock" \
+	--find-links $(TORCH_WHEELS) --constraint $(LOCK)/torch.constraint
+lock: install
+	@test -d $(TORCH_WHEELS) || { echo "lock: TORCH_WHEELS=$(TORCH_WHEELS) is not a folder with the CPU torch wheel"; exit 2; }
+	echo "$(firstword $(TORCH_SPEC))" > $(LOCK)/torch.constraint
+	$(UV_COMPILE) pyproject.toml -o $(LOCK)/runtime.lock
+	$(UV_COMPILE) pyproject.toml $(LOCK)/build.in --extra dev --extra bench -o $(LOCK)/dev.lock
+	$(UV_COMPILE) $(LOCK)/build.in -o $(LOCK)/build.lock
+	$(UV_COMPILE) $(LOCK)/no-deps.in --no-deps -o $(LOCK)/no-deps.lock
+	rm $(LOCK)/torch.constraint
+	@echo "lock: refreshed; run make test (the float64 conformance suite) before committing it"
+
+# Not in CI: the conformance suite against the newest transformers (or TRANSFORMERS_SPEC) in a
+# scratch venv; prints which generate options changed behaviour against the locked release.
+TRANSFORMERS_SPEC ?= transformers
+upstream-check: install
+	$(PY) -m tests.conformance.upstream_check --spec "$(TRANSFORMERS_SPEC)" --torch-spec "$(TORCH_SPEC)" $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

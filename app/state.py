@@ -17,6 +17,11 @@ from app.config import Settings
 from app.engine.async_engine import AsyncEngine
 from app.engine.draft_model import check_same_tokenizer
 from app.engine.engine import EngineConfig, LLMEngine
+from app.engine.transformers_version import (
+    MATCHED_TRANSFORMERS,
+    installed_transformers,
+    transformers_mismatch,
+)
 from app.modeling.gpt2 import PagedGPT2
 from app.modeling.kv_sizing import KVSizing, KVSizingError, resolve_kv_sizing
 from app.modeling.loader import LoadedModel, load_model
@@ -55,6 +60,9 @@ class ServerState:
 
 def build_state(settings: Settings) -> ServerState:
     started = time.monotonic()
+    logger.info("generate semantics of transformers %s", MATCHED_TRANSFORMERS)
+    if mismatch := transformers_mismatch():
+        logger.warning("%s", mismatch)
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
     config = loaded.config
     draft = load_draft_model(settings, loaded)  # first: its weights and KV are in the sizing
@@ -130,6 +138,8 @@ def info_dict(state: ServerState) -> dict[str, Any]:
         "model_path": state.settings.model,
         "model_type": cfg.model_type,
         "version": __version__,
+        "transformers_version": installed_transformers(),
+        "generate_matches_transformers": MATCHED_TRANSFORMERS,
         "device": str(state.loaded.device),
         "dtype": str(state.loaded.dtype).removeprefix("torch."),
         "linear_backend": engine.runner.model.linears().backend,

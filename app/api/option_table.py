@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from app.engine.transformers_version import MATCHED_TRANSFORMERS
+
 SERVED, IGNORED, REJECTED, NOT_YET = "served", "accepted-ignored", "rejected-422", "not-yet"
 STATUSES = (SERVED, IGNORED, REJECTED, NOT_YET)
 CLASSES = ("A", "B", "C", "D", "E", "F", "API")
@@ -363,6 +365,9 @@ def markdown() -> str:
         "",
         "Generated from `app/api/option_table.py` by "
         "`python -m app.api.option_table --markdown > docs/options.md`; do not edit by hand.",
+        f"Every option behaves as `model.generate` does in transformers {MATCHED_TRANSFORMERS}, "
+        "the locked release (`requirements/*.lock`; `GET /info` reports it as "
+        "`generate_matches_transformers`).",
         "Classes as in the generate-options contract (A in the batched engine, B served one "
         "request at a time between batch steps, "
         "C exact slow lane, D engine-owned, E not applicable, F HTTP forms of Python-only "

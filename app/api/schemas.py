@@ -268,6 +268,11 @@ class InfoResponse(BaseModel):
     model_device_type: str
     model_pipeline_tag: str = "text-generation"
     version: str
+    transformers_version: str = Field(description="The transformers installed in the server.")
+    generate_matches_transformers: str = Field(
+        description="The transformers release whose `model.generate` the engine reproduces "
+        "(the locked one); the server warns at start when the installed one differs."
+    )
     router: str = "kogpt-serve"
     device: str
     dtype: str

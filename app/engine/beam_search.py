@@ -198,6 +198,10 @@ class BeamSearch:
                 probs, num_samples=self.beams_to_keep, generator=self.generator
             )
             topk_log_probs = torch.gather(input=log_probs, dim=1, index=topk_indices)
+            # transformers >= 5.25 ranks the sampled candidates by log-probability before
+            # the beams are chosen (5.23 kept the draw order).
+            topk_log_probs, order = topk_log_probs.sort(dim=-1, descending=True)
+            topk_indices = topk_indices.gather(dim=-1, index=order)
         else:
             topk_log_probs, topk_indices = torch.topk(log_probs, k=self.beams_to_keep)
         vocab_size = log_probs.shape[-1] // self.num_beams

@@ -121,9 +121,15 @@ def test_embedded_model_is_baked_in_and_the_default(runtime: Stage) -> None:
 def test_dependencies_are_installed_before_the_source_is_copied(stages: list[Stage]) -> None:
     deps, wheel, runtime = stages
     deps_copies = [ins.json_or_words()[:-1] for ins in deps.all("COPY")]
-    assert deps_copies == [["pyproject.toml"]], "the dependency layer must not see app/"
+    assert deps_copies == [["requirements/runtime.lock"]], "the dependency layer sees the lock only"
     torch_runs = [i for i in deps.all("RUN") if "torch==" in i.args]
     assert torch_runs and "--index-url" in torch_runs[0].args
+    # every other package exactly as locked, never resolved anew at build time
+    locked = [i for i in deps.all("RUN") if "runtime.lock" in i.args]
+    assert locked and "--require-hashes" in locked[0].args and "--no-deps" in locked[0].args
+    builds = [i for i in wheel.all("RUN") if "pip wheel" in i.args]
+    assert builds and "--no-build-isolation" in builds[0].args
+    assert any("build.lock" in i.args and "--require-hashes" in i.args for i in wheel.all("RUN"))
     # `pip wheel .` needs pyproject.toml, the readme it names, and the package directory.
     wheel_sources = {src for ins in wheel.all("COPY") for src in ins.json_or_words()[:-1]}
     project = pyproject()["project"]

@@ -6,7 +6,9 @@ import concurrent.futures
 
 import httpx
 import torch
+import transformers
 
+from app.engine.transformers_version import MATCHED_TRANSFORMERS
 from tests.integration.conftest import LiveServer
 
 
@@ -27,6 +29,8 @@ def test_info_reports_model_and_limits(client: httpx.Client) -> None:
     assert info["kv_cache"]["num_blocks"] == 512
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["linear_backend"] in ("aten", "mkldnn")
+    assert info["generate_matches_transformers"] == MATCHED_TRANSFORMERS
+    assert info["transformers_version"] == transformers.__version__
 
 
 def test_generate_greedy_equals_model_generate(

@@ -53,7 +53,7 @@ def pad_like(ours: list[int], ref: list[int], pad: int) -> list[int]:
     return ours + [pad] * (len(ref) - len(ours))
 
 
-@pytest.mark.parametrize("options", BEAM_CASES + SAMPLE_CASES)
+@pytest.mark.parametrize("options", BEAM_CASES + SAMPLE_CASES, ids=lambda o: ",".join(o))
 def test_group_request_alone_and_in_a_busy_batch(tiny_model, tiny_tokenizer, options) -> None:
     options = {**options, "max_new_tokens": 10}
     prompt = tiny_tokenizer(PROMPTS[0])["input_ids"]
