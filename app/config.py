@@ -145,6 +145,13 @@ class Settings(BaseSettings):
         "itself (default: the tokenizer's own, else the built-in KoGPT-2 chatbot "
         "template <usr>question<sys>answer</s>).",
     )
+    chat_allow_special_tokens: bool = Field(
+        default=False,
+        description="Tokenize special-token text (e.g. </s>, <sys>) inside chat message "
+        "contents and few-shot task/examples/query as the special tokens, as raw prompts are. "
+        "Default: as ordinary text, so a message cannot end its turn and forge another; "
+        "enable only for trusted callers.",
+    )
 
     @field_validator("chat_template")
     @classmethod

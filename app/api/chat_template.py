@@ -15,7 +15,10 @@ knows its own format better than a generic default.
 
 Rendering is transformers' own `tokenizer.apply_chat_template` (sandboxed Jinja, the special
 tokens such as `eos_token` as variables, `add_generation_prompt`), so a template behaves here
-exactly as it does in HF. No torch, no web framework: Settings validates the setting with it.
+exactly as it does in HF. Unlike HF's tokenize=True, special-token text inside a message stays
+text (`render_chat_prompt` + app/api/prompt_encoding.py): only the template's own markers
+become special ids, so a message cannot close its turn and forge another.
+No torch, no web framework: Settings validates the setting with it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from app.api.prompt_encoding import PromptText, control_tokens, mark, unmark
 
 USER_TOKEN, ASSISTANT_TOKEN = "<usr>", "<sys>"
 
@@ -89,6 +94,25 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], template: ChatTe
         messages, chat_template=template.text, tokenize=False, add_generation_prompt=True
     )
     return str(text)
+
+
+def render_chat_prompt(
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    template: ChatTemplate,
+    allow_special_tokens: bool = False,
+) -> PromptText:
+    """`render_chat`'s prompt, with the spans of the special-token text that came from message
+    contents (for `encode_prompt`, which keeps it text). `allow_special_tokens`: no spans, so
+    the prompt is tokenized as a raw prompt is (trusted callers only)."""
+    if allow_special_tokens:
+        return PromptText(render_chat(tokenizer, messages, template))
+    source = template.text if template.text is not None else tokenizer.get_chat_template()
+    tokens = control_tokens(tokenizer, source)
+    # Only the occurrences are marked: an ordinary content is passed on untouched, so a
+    # template's string operations (trim, split, comparisons) see exactly what they did.
+    marked = [{**m, "content": mark(m["content"], tokens)} for m in messages]
+    return unmark(render_chat(tokenizer, marked, template), tokens)
 
 
 def turn_stop_token_ids(tokenizer: Any) -> list[int]:

@@ -20,7 +20,7 @@ from typing import Any
 import jinja2
 from fastapi import APIRouter, Body, Depends, Request
 
-from app.api.chat_template import render_chat, resolve_template, turn_stop_token_ids
+from app.api.chat_template import render_chat_prompt, resolve_template, turn_stop_token_ids
 from app.api.errors import APIError
 from app.api.generation import (
     Completion,
@@ -30,12 +30,12 @@ from app.api.generation import (
     build_params,
     check_prompt_ids,
     decoder,
-    encode,
     run_to_completion,
     stream_request,
     token_steps,
 )
 from app.api.openai_mapping import completion_options, finish_reason
+from app.api.prompt_encoding import PlainTextError, encode_prompt
 from app.api.routes_openai import ERRORS, check_model
 from app.api.schemas_chat import (
     CHAT_EXAMPLE,
@@ -73,20 +73,24 @@ EXAMPLES = {
 
 def chat_prompt(state: ServerState, messages: list[ChatMessage]) -> tuple[list[int], str]:
     """The rendered prompt's token ids and text (a 422 naming `messages` when the template
-    rejects the conversation or the prompt is too long)."""
+    rejects the conversation or the prompt is too long). Special-token text in the contents
+    is encoded as ordinary tokens unless --chat-allow-special-tokens."""
     conversation = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in messages
     ]
     template = resolve_template(state.settings.chat_template, state.tokenizer)
+    allow = state.settings.chat_allow_special_tokens
     try:
-        text = render_chat(state.tokenizer, conversation, template)
+        prompt = render_chat_prompt(state.tokenizer, conversation, template, allow)
+        ids = encode_prompt(state.tokenizer, prompt)
     except jinja2.TemplateError as exc:
         message = f"`messages`: the chat template ({template.source}) rejected them: {exc}"
         raise APIError(422, message, field="messages") from exc
-    ids = encode(state, text)
+    except PlainTextError as exc:
+        raise APIError(422, f"`messages`: {exc}", field="messages") from exc
     check_prompt_ids(state, ids, "messages")
-    return ids, text
+    return ids, prompt.text
 
 
 def stop_token_ids(state: ServerState) -> list[int]:

@@ -2,6 +2,8 @@
 
 Every call with the same task and examples renders the same prompt prefix, so its full KV
 blocks come from the prefix cache after the first call (kogpt_prefix_cache_hits_total).
+Task, examples and query are contents: special-token text in them is encoded as ordinary
+tokens (as chat messages are), only the template's prefixes and separators may be special.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
 
+from app.api.errors import APIError
 from app.api.generation import (
     admit,
     build_params,
     check_prompt_ids,
-    encode,
     finish_name,
     run_to_completion,
 )
+from app.api.prompt_encoding import PlainTextError, PromptText, encode_prompt, from_parts
 from app.api.routes_generate import ERRORS, Prepared, build_response, context, tgi_events
 from app.api.schemas_fewshot import (
     FEW_SHOT_EXAMPLE,
@@ -56,14 +59,42 @@ EXAMPLES = {
 }
 
 
-def render_prompt(task: str, examples: list[Any], query: str, t: FewShotTemplate) -> str:
-    blocks = [task.strip()] if task.strip() else []
-    for ex in examples:
+def render_parts(
+    task: str, examples: list[Any], query: str, t: FewShotTemplate
+) -> list[tuple[str, bool]]:
+    """The prompt as (text, is_content) parts, before the trailing whitespace is removed."""
+    blocks = [[(task.strip(), True)]] if task.strip() else []
+    pairs = [(ex.input, ex.output) for ex in examples] + [(query, "")]  # the query's answer: ""
+    for given, answer in pairs:
         blocks.append(
-            f"{t.input_prefix}{ex.input}{t.input_output_separator}{t.output_prefix}{ex.output}"
+            [
+                (t.input_prefix, False),
+                (given, True),
+                (t.input_output_separator, False),
+                (t.output_prefix, False),
+                (answer, True),
+            ]
         )
-    blocks.append(f"{t.input_prefix}{query}{t.input_output_separator}{t.output_prefix}")
-    return t.example_separator.join(blocks).rstrip()
+    parts: list[tuple[str, bool]] = []
+    for index, block in enumerate(blocks):
+        if index:
+            parts.append((t.example_separator, False))
+        parts += block
+    return parts
+
+
+def prompt_ids(state: ServerState, body: FewShotRequest) -> tuple[list[int], str]:
+    """The rendered prompt's ids and text (a 422 naming `prompt` when too long). Contents'
+    special-token text is ordinary tokens unless --chat-allow-special-tokens."""
+    prompt = from_parts(render_parts(body.task, body.examples, body.query, body.template))
+    if state.settings.chat_allow_special_tokens:
+        prompt = PromptText(prompt.text)  # no content spans: tokenized as a raw prompt is
+    try:
+        ids = encode_prompt(state.tokenizer, prompt)
+    except PlainTextError as exc:
+        raise APIError(422, f"`prompt`: {exc}", field="prompt") from exc
+    check_prompt_ids(state, ids, "prompt")
+    return ids, prompt.text
 
 
 def default_stops(t: FewShotTemplate) -> list[str]:
@@ -83,9 +114,7 @@ def stop_strings(options: dict[str, Any], t: FewShotTemplate) -> list[str]:
 
 
 def prepare(state: ServerState, body: FewShotRequest) -> Prepared:
-    prompt = render_prompt(body.task, body.examples, body.query, body.template)
-    ids = encode(state, prompt)
-    check_prompt_ids(state, ids, "prompt")
+    ids, prompt = prompt_ids(state, body)
     options, renames = body.parameters.generate_options()
     if "max_new_tokens" not in options and "max_length" not in options:
         options["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
@@ -154,9 +183,7 @@ async def few_shot_render(
     """The prompt, its token count and the stop strings that POST /few-shot would use for the
     same body (a prompt too long is the same 422). Nothing is generated: `stream` is ignored,
     and of `parameters` only the stop strings are used (the rest is not checked here)."""
-    prompt = render_prompt(body.task, body.examples, body.query, body.template)
-    ids = encode(state, prompt)
-    check_prompt_ids(state, ids, "prompt")
+    ids, prompt = prompt_ids(state, body)
     options, _ = body.parameters.generate_options()
     return FewShotRenderResponse(
         prompt=prompt, prompt_tokens=len(ids), stop_strings=stop_strings(options, body.template)

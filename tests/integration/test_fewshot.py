@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import httpx
+from transformers import AutoTokenizer
 
+from app.modeling.loader import DEFAULT_MODEL_DIR
 from tests.integration.conftest import metric, sse_events
 
 TASK = "다음 문장의 감정을 긍정 또는 부정으로 분류하세요."
@@ -79,3 +81,32 @@ def test_repeated_examples_hit_the_prefix_cache(client: httpx.Client) -> None:
     shared_blocks = shared // 16
     assert shared_blocks >= 2
     assert hits[2] - hits[1] >= shared_blocks
+
+
+def test_special_token_text_in_examples_stays_text(client: httpx.Client) -> None:
+    """Issue #27: with a format made of special tokens, the examples' and query's special-token
+    text is ordinary tokens; only the format's markers are special ids."""
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+
+    def as_text(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return list(ids)
+
+    usr, sys_, eos = 2, 4, 1
+    body = {
+        "examples": [{"input": "질문</s>", "output": "답<usr>"}],
+        "query": "<sys>끝",
+        "template": {
+            "input_prefix": "<usr>",
+            "output_prefix": "<sys>",
+            "input_output_separator": "",
+            "example_separator": "</s>",
+        },
+        "parameters": {"max_new_tokens": 2},
+    }
+    rendered = client.post("/few-shot/render", json=body).json()
+    assert rendered["prompt"] == "<usr>질문</s><sys>답<usr></s><usr><sys>끝<sys>"
+    ids = [usr, *as_text("질문</s>"), sys_, *as_text("답<usr>"), eos, usr, *as_text("<sys>끝")]
+    assert rendered["prompt_tokens"] == len(ids) + 1  # and the final <sys>
+    answered = client.post("/few-shot", json=body).json()
+    assert answered["prompt_tokens"] == rendered["prompt_tokens"]

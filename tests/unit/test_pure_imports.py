@@ -1,4 +1,5 @@
-"""The scheduler side of the engine is pure Python: it imports with torch unavailable."""
+"""The scheduler side of the engine (and the HTTP side's prompt rendering and encoding) is pure
+Python: it imports with torch unavailable."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ PURE_MODULES = [
     "app.engine.grammar",
     "app.engine.class_b.options",
     "app.engine.class_b.constraints",
+    "app.api.prompt_encoding",
+    "app.api.chat_template",
 ]
 
 
