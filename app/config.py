@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     @field_validator("chat_template")
     @classmethod
     def _chat_template_loads(cls, value: str | None) -> str | None:
-        from app.api.chat_template import load_template_setting  # jinja2 only
+        from app.prompts.chat_template import load_template_setting  # jinja2 only
 
         if value:
             load_template_setting(value)  # fail at start: no file, or a Jinja syntax error

@@ -25,20 +25,20 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from app import __version__
-from app.api import (
-    routes_admin,
-    routes_chat,
-    routes_fewshot,
-    routes_generate,
-    routes_openai,
-    routes_playground,
-    routes_watermark,
-)
 from app.api.errors import install_error_handlers, is_openai_path
 from app.api.middleware import ApiMiddleware
-from app.api.schemas_chat import ChatCompletionChunk
-from app.api.schemas_fewshot import FewShotStreamEvent
-from app.api.schemas_openai import CompletionChunk
+from app.api.protocol.chat import ChatCompletionChunk
+from app.api.protocol.fewshot import FewShotStreamEvent
+from app.api.protocol.openai import CompletionChunk
+from app.api.routes import (
+    admin,
+    chat,
+    fewshot,
+    generate,
+    openai,
+    playground,
+    watermark,
+)
 from app.api.streaming import sse_event_schema
 from app.config import Settings
 from app.metrics import ServerMetrics
@@ -145,15 +145,15 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
                 schemas.setdefault(name, definition)
             schemas.setdefault(model.__name__, js)
         for route, path in schema.get("paths", {}).items():  # SSE bodies are events
-            openai = is_openai_path(route)
-            error = "OpenAIErrorResponse" if openai else "ErrorResponse"
+            openai_route = is_openai_path(route)
+            error = "OpenAIErrorResponse" if openai_route else "ErrorResponse"
             error_ref = f"#/components/schemas/{error}"
             for operation in path.values():
                 for response in operation.get("responses", {}).values():
                     sse = response.get("content", {}).get("text/event-stream", {})
                     if "$ref" in sse.get("schema", {}):
                         ref = sse["schema"]["$ref"]
-                        sse["schema"] = sse_event_schema(ref, error_ref, done=openai)
+                        sse["schema"] = sse_event_schema(ref, error_ref, done=openai_route)
         if settings.api_key is not None:
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             schema["security"] = [{"bearer": []}]
@@ -204,13 +204,13 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.include_router(routes_admin.router)
-    app.include_router(routes_generate.router)
-    app.include_router(routes_openai.router)
-    app.include_router(routes_fewshot.router)
-    app.include_router(routes_playground.router)
-    app.include_router(routes_chat.router)
-    app.include_router(routes_watermark.router)
+    app.include_router(admin.router)
+    app.include_router(generate.router)
+    app.include_router(openai.router)
+    app.include_router(fewshot.router)
+    app.include_router(playground.router)
+    app.include_router(chat.router)
+    app.include_router(watermark.router)
     app.add_middleware(
         ApiMiddleware,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,

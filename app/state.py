@@ -15,8 +15,8 @@ from fastapi import Request
 from app import __version__
 from app.config import Settings
 from app.engine.async_engine import AsyncEngine
-from app.engine.draft_model import check_same_tokenizer
 from app.engine.engine import EngineConfig, LLMEngine
+from app.engine.spec.draft_model import check_same_tokenizer
 from app.engine.transformers_version import (
     MATCHED_TRANSFORMERS,
     installed_transformers,

@@ -24,8 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.engine.core.scheduler import SchedulerCapacityError
 from app.engine.sampling_params import ParamValidationError
-from app.engine.scheduler import SchedulerCapacityError
 
 logger = logging.getLogger("kogpt.api")
 

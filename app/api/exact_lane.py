@@ -25,12 +25,12 @@ from typing import Any
 import torch
 
 from app.api.errors import APIError
-from app.api.generation import Completion, RequestContext, admission_error, decoder
+from app.api.serving import Completion, RequestContext, admission_error, decoder
 from app.engine.async_engine import EngineNotRunningError
+from app.engine.core.request import FinishReason
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.engine import LLMEngine
 from app.engine.outputs import SequenceOutput
-from app.engine.request import FinishReason
 from app.engine.sampling_params import SamplingParams
 from app.engine.stop import StopChecker, StopStringTextFilter
 from app.state import ServerState

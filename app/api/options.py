@@ -122,7 +122,7 @@ class GenerateOptions(BaseModel):
     return_dict_in_generate: bool | None = _f("true = `details: true` (the response is a dict).")
     output_attentions: bool | None = _f("Return attentions (exact slow lane, size-capped).")
     output_hidden_states: bool | None = _f("Return hidden states (exact slow lane, size-capped).")
-    # -- removed from transformers 5 core, served natively (app/engine/class_b) --------------
+    # -- removed from transformers 5 core, served natively (app/engine/lanes/class_b) --------------
     num_beam_groups: int | None = _f("Group (diverse) beam search: groups of beams.", ge=1)
     diversity_penalty: float | None = _f("Group beam search: penalty per earlier group's token.")
     penalty_alpha: float | None = _f("Contrastive search degeneration penalty, in [0, 1].")

@@ -17,18 +17,19 @@ from typing import Any
 import torch
 
 from app.engine.beam_search import BeamSearch, prepare_generation
+from app.engine.core.kv_cache_manager import KVCacheManager
+from app.engine.core.request import FinishReason, Request, Sequence
+from app.engine.core.scheduler import Scheduler, SchedulerConfig
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.draft_model import DraftModel
 from app.engine.grammar import ConstraintFactory
-from app.engine.group_sampling import Pick, sample_groups
-from app.engine.kv_cache_manager import KVCacheManager
 from app.engine.model_runner import ModelRunner
 from app.engine.outputs import RequestOutput, SequenceOutput
-from app.engine.request import FinishReason, Request, Sequence
-from app.engine.sampler import Sampler, make_generator
+from app.engine.sample.group_sampling import Pick, sample_groups
+from app.engine.sample.row import make_generator
+from app.engine.sample.sampler import Sampler
 from app.engine.sampling_params import SamplingParams
-from app.engine.scheduler import Scheduler, SchedulerConfig
-from app.engine.spec_decode import SpecDecoder, first_logits_rows
+from app.engine.spec.decoder import SpecContext, SpecDecoder, first_logits_rows
+from app.engine.spec.draft_model import DraftModel
 from app.engine.stop import StopChecker, StopStringTextFilter, token_bytes_table
 from app.modeling.linear import LinearBackend, Quantize
 from app.modeling.native import NativeKernels
@@ -88,7 +89,6 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv
         )
         self.sampler = Sampler(torch.Generator(device=self.runner.device).manual_seed(config.seed))
-        self.spec = SpecDecoder()  # speculative decoding: drafts and their verification
         self.draft = None  # a smaller GPT-2 drafting tokens (--draft-model), see draft_model.py
         if draft_model is not None:
             self.draft = DraftModel(
@@ -101,6 +101,17 @@ class LLMEngine:
         self._token_bytes: list[bytes] | None = None
         self.constraints = ConstraintFactory(tokenizer, int(hf_model.config.vocab_size))
         self._states: dict[str, _RequestState] = {}
+        # speculative decoding: drafts and their verification, through a narrow context
+        self.spec = SpecDecoder(
+            SpecContext(
+                self._states,
+                self._advance,
+                self.sampler,
+                self.scheduler,
+                self.draft,
+                self._copy_blocks,
+            )
+        )
         self.num_steps = 0
         self.last_batch_size = 0
         # Called with the number of scheduled sequences after every non-empty step (metrics).
@@ -174,6 +185,12 @@ class LLMEngine:
         self._states.pop(request_id, None)
         return self.scheduler.abort_request(request_id) is not None
 
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write copies in every KV cache (the model's and the draft model's)."""
+        self.runner.kv_cache.copy_blocks(copies)
+        if self.draft is not None:
+            self.draft.kv_cache.copy_blocks(copies)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -225,8 +242,8 @@ class LLMEngine:
             except Exception as err:
                 logger.exception("request %s failed", state.request.request_id)
                 failed[state.request.request_id] = err
-        self.spec.verify(self, sampling, logits, outputs, failed)
-        self.spec.propose(self, sampling)
+        self.spec.verify(sampling, logits, outputs, failed)
+        self.spec.propose(sampling)
         return list(outputs.values()) + (self._fail(failed) if failed else [])
 
     def _advance(

@@ -28,8 +28,8 @@ import llguidance
 import llguidance.hf
 import numpy as np
 
+from app.engine.core.request import FinishReason
 from app.engine.grammar_options import GrammarSpec
-from app.engine.request import FinishReason
 from app.engine.sampling_params import SamplingParams
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from app.engine.scheduler import SchedulerOutput
+from app.engine.core.scheduler import SchedulerOutput
 from app.engine.step_timing import StepTimer
 from app.modeling.attention_metadata import build_step_input
 from app.modeling.cuda_graphs import DecodeGraphs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from app.engine.request import FinishReason
+from app.engine.core.request import FinishReason
 
 
 @dataclass

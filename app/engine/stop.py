@@ -21,7 +21,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from app.engine.request import FinishReason
+from app.engine.core.request import FinishReason
 from app.engine.sampling_params import SamplingParams
 
 __all__ = ["FinishReason", "StopChecker", "StopStringTextFilter", "token_bytes_table"]

@@ -4,7 +4,7 @@
 
 On one prompt, in one run: transformers' own `model.generate` greedy and beam search (the
 baselines), then contrastive search, DoLa, group beam search and constrained beam search as
-the server runs them (app/engine/class_b, on the same GPT2LMHeadModel and DynamicCache, no
+the server runs them (app/engine/lanes/class_b, on the same GPT2LMHeadModel and DynamicCache, no
 HTTP). Prints generated tokens per second (best of --repeats) and the ratio to greedy and,
 for the beam methods, to beam search with as many beams. Results: docs/benchmarks/class_b.md.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from app.engine.class_b.options import CLASS_B_OPTIONS, ClassBParams, resolve_class_b
-from app.engine.class_b.runner import run_method
+from app.engine.lanes.class_b.options import CLASS_B_OPTIONS, ClassBParams, resolve_class_b
+from app.engine.lanes.class_b.runner import run_method
 from app.engine.sampling_params import resolve_sampling_params
 from app.modeling.loader import load_model
 

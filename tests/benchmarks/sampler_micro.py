@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from app.engine.group_sampling import sample_groups
-from app.engine.request import Request, Sequence
-from app.engine.sampler import Sampler, SamplingRow
+from app.engine.core.request import Request, Sequence
+from app.engine.sample.group_sampling import sample_groups
+from app.engine.sample.row import SamplingRow
+from app.engine.sample.sampler import Sampler
 from app.engine.sampling_params import SamplingParams
 
 OPTIONS: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.9}
@@ -98,7 +99,7 @@ def rows_of(plain: list[tuple[Any, dict[int, int]]]) -> list[SamplingRow]:
 
 def stage_times(logits: torch.Tensor, repeats: int) -> dict[str, float]:
     """The full-row option path's stages as plain torch ops, on the optioned half."""
-    from app.engine.seeded_draw import _executor
+    from app.engine.sample.seeded_draw import _executor
 
     half = logits[1::2].contiguous()
     n = half.shape[0]

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from transformers import GPT2LMHeadModel
 
-from app.engine.draft_model import DraftModelError, check_compatible, check_same_tokenizer
 from app.engine.engine import LLMEngine
+from app.engine.spec.draft_model import DraftModelError, check_compatible, check_same_tokenizer
 from app.modeling.loader import LoadedModel
 from tests.conformance.conftest import encode, engine_run, hf_generate
 

@@ -138,7 +138,7 @@ def test_probes_match_the_server_endpoints(container: dict[str, Any]) -> None:
         assert probe["httpGet"]["port"] == "http"
     # the startup probe covers loading (or downloading) a real checkpoint: >= 5 minutes
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
-    from app.api.routes_admin import router
+    from app.api.routes.admin import router
 
     paths = {route.path for route in router.routes}
     assert {"/health", "/ready", "/metrics"} <= paths

@@ -10,10 +10,10 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from app.config import Settings
+from app.engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.model_runner import ModelRunner
 from app.engine.sampling_params import resolve_sampling_params
-from app.engine.scheduler import ScheduledSeq, SchedulerOutput
 from app.modeling.attention_metadata import SeqChunk, build_step_input
 from app.modeling.gpt2 import PagedGPT2
 from app.modeling.kv_cache import KVCache

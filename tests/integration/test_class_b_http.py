@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from app.api.generation import build_params
-from app.engine.class_b.options import ClassBParams
-from app.engine.class_b.runner import run_method
+from app.api.serving import build_params
+from app.engine.lanes.class_b.options import ClassBParams
+from app.engine.lanes.class_b.runner import run_method
 from tests.integration.conftest import LiveServer, sse_events
 
 PROMPT = "대한민국은 민주공화국이다"

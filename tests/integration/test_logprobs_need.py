@@ -1,7 +1,7 @@
 """Token log-probs are computed only when a response shows them or ranks sequences by them.
 
 The engine skips a greedy row's full-row log-softmax when ``SamplingParams.logprobs`` is
-False; each route decides (app/api/generation.py build_params). Every request here is
+False; each route decides (app/api/serving.py build_params). Every request here is
 spied on at ``LLMEngine.add_request`` and its response checked for what it shows.
 """
 

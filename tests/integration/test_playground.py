@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.api.routes_playground import STATIC_DIR
+from app.api.routes.playground import STATIC_DIR
 from tests.integration.conftest import API_KEY, LiveServer
 
 try:

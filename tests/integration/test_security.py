@@ -17,7 +17,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from app.api import routes_admin, routes_generate, routes_openai
+from app.api.routes import admin as routes_admin
+from app.api.routes import generate as routes_generate
+from app.api.routes import openai as routes_openai
 from tests.integration.conftest import API_KEY, LiveServer, sse_events, start_server, stop_server
 from tests.integration.log_capture import server_logs
 

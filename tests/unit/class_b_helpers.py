@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.engine.class_b.options import (
+from app.engine.lanes.class_b.options import (
     CLASS_B_OPTIONS,
     ClassBOptions,
     ClassBParams,

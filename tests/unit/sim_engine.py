@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 
-from app.engine.kv_cache_manager import KVCacheManager
-from app.engine.request import FinishReason, Request, Sequence
-from app.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from app.engine.core.kv_cache_manager import KVCacheManager
+from app.engine.core.request import FinishReason, Request, Sequence
+from app.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 VOCAB = 50
 

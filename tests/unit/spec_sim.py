@@ -8,8 +8,8 @@ full or none; the output must equal plain decoding's whatever the drafts were.
 
 from __future__ import annotations
 
-from app.engine.request import FinishReason, Sequence
-from app.engine.scheduler import SchedulerOutput
+from app.engine.core.request import FinishReason, Sequence
+from app.engine.core.scheduler import SchedulerOutput
 from tests.unit.sim_engine import VOCAB, SimEngine, next_token, prefix_digest
 
 

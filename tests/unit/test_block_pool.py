@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine.block_pool import BlockPool, NoFreeBlocksError
-from app.engine.kv_cache_manager import KVCacheManager, hash_block
+from app.engine.core.block_pool import BlockPool, NoFreeBlocksError
+from app.engine.core.kv_cache_manager import KVCacheManager, hash_block
 
 
 def test_allocate_free_roundtrip_is_lru() -> None:

@@ -10,15 +10,15 @@ import pytest
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
-from app.api.chat_template import (
+from app.config import Settings
+from app.modeling.loader import DEFAULT_MODEL_DIR
+from app.prompts.chat_template import (
     DEFAULT_CHAT_TEMPLATE,
     load_template_setting,
     render_chat,
     resolve_template,
     turn_stop_token_ids,
 )
-from app.config import Settings
-from app.modeling.loader import DEFAULT_MODEL_DIR
 
 SYSTEM, Q1, A1, Q2 = "너는 친절한 상담원이야.", "안녕하세요", "반가워요", "오늘 날씨 어때?"
 CONVERSATION = [

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from app.engine.class_b.constraints import (
+from app.engine.lanes.class_b.constraints import (
     ConstraintListState,
     DisjunctiveConstraint,
     PhrasalConstraint,
 )
-from app.engine.class_b.runner import run_method
+from app.engine.lanes.class_b.runner import run_method
 from tests.unit.class_b_helpers import class_b_params
 
 PROMPT = [5, 9, 14, 22, 9]

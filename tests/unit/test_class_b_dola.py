@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from app.engine.class_b.common import TokenChoice
-from app.engine.class_b.dola import candidate_layers, dola_decoding
-from app.engine.class_b.runner import method_inputs, run_method
+from app.engine.lanes.class_b.common import TokenChoice
+from app.engine.lanes.class_b.dola import candidate_layers, dola_decoding
+from app.engine.lanes.class_b.runner import method_inputs, run_method
 from tests.unit.class_b_helpers import class_b_params
 
 PROMPT = [5, 9, 14, 22, 9]

@@ -14,9 +14,9 @@ from transformers import (
     SequenceBiasLogitsProcessor,
 )
 
-from app.engine.class_b.group_beam import HammingDiversityLogitsProcessor, with_diversity
-from app.engine.class_b.options import GROUP_BEAM, ClassBOptions
-from app.engine.class_b.runner import run_method
+from app.engine.lanes.class_b.group_beam import HammingDiversityLogitsProcessor, with_diversity
+from app.engine.lanes.class_b.options import GROUP_BEAM, ClassBOptions
+from app.engine.lanes.class_b.runner import run_method
 from tests.unit.class_b_helpers import class_b_params, unchecked
 
 PROMPT = [5, 9, 14, 22, 9]

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from app.engine.class_b.options import (
+from app.engine.lanes.class_b.options import (
     CONSTRAINED,
     CONTRASTIVE,
     DOLA,

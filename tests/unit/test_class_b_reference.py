@@ -21,8 +21,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from app.engine.class_b.options import CLASS_B_OPTIONS, ClassBParams, resolve_class_b
-from app.engine.class_b.runner import run_method
+from app.engine.lanes.class_b.options import CLASS_B_OPTIONS, ClassBParams, resolve_class_b
+from app.engine.lanes.class_b.runner import run_method
 from app.engine.sampling_params import resolve_sampling_params
 
 ROOT = Path(__file__).resolve().parents[2]

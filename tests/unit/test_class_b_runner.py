@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from app.engine.class_b.runner import ClassBRun, rows_error, run_method
+from app.engine.core.request import FinishReason
 from app.engine.engine import EngineConfig, LLMEngine
+from app.engine.lanes.class_b.runner import ClassBRun, rows_error, run_method
 from app.engine.outputs import SequenceOutput
-from app.engine.request import FinishReason
 from tests.unit.class_b_helpers import class_b_params
 
 PROMPT = [5, 9, 14, 22, 9]

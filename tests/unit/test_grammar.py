@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from app.engine.core.request import FinishReason
 from app.engine.grammar import ConstraintFactory, GrammarError, TokenConstraint, token_masks
 from app.engine.grammar_options import GrammarSpec, parse_grammar, resolve_constraints
-from app.engine.request import FinishReason
 from app.engine.sampling_params import SamplingParams, resolve_sampling_params
 from app.engine.stop import token_bytes_table
 from app.engine.validation import ParamValidationError

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from app.engine.core.request import FinishReason
 from app.engine.engine import LLMEngine
 from app.engine.grammar import ConstraintFactory, token_masks
-from app.engine.request import FinishReason
 from app.engine.sampling_params import SamplingParams, resolve_sampling_params
 from tests.unit.test_engine import PROMPTS, make_engine
 

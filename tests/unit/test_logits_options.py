@@ -21,7 +21,8 @@ from transformers import GPT2LMHeadModel
 from transformers.generation import WatermarkingConfig
 from transformers.generation.logits_process import InfNanRemoveLogitsProcessor
 
-from app.engine.sampler import Sampler, SamplingRow, make_generator
+from app.engine.sample.row import SamplingRow, make_generator
+from app.engine.sample.sampler import Sampler
 from app.engine.sampling_params import ParamValidationError, resolve_sampling_params
 from app.engine.stop import StopChecker
 from tests.conftest import PEAKY_EOS, PEAKY_POSITIONS, PEAKY_VOCAB

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from app.engine.sampler import Sampler, SamplingRow
+from app.engine.sample.row import SamplingRow
+from app.engine.sample.sampler import Sampler
 from app.engine.sampling_params import resolve_sampling_params
 from tests.unit.test_engine import make_engine
 

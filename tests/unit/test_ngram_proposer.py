@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
-from app.engine.ngram_proposer import propose_ngram
+from app.engine.spec.ngram_proposer import propose_ngram
 
 
 def hf_candidates(

@@ -24,7 +24,7 @@ from app.api.option_table import (
     markdown,
 )
 from app.api.options import OPTION_NAMES
-from app.api.schemas import GenerateParameters, GenerateRequest
+from app.api.protocol.tgi import GenerateParameters, GenerateRequest
 from app.engine.sampling_params import (
     ACCEPTED_OPTIONS,
     ParamValidationError,

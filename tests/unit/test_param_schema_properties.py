@@ -19,15 +19,16 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from app.api import routes_fewshot, routes_generate
 from app.api.errors import APIError, validation_error
-from app.api.generation import build_params
-from app.api.openai_mapping import completion_options
 from app.api.options import OPTION_NAMES, GenerateOptions
-from app.api.routes_openai import prompt_list
-from app.api.schemas import GenerateParameters, GenerateRequest
-from app.api.schemas_fewshot import FewShotRequest
-from app.api.schemas_openai import CompletionRequest
+from app.api.protocol.fewshot import FewShotRequest
+from app.api.protocol.openai import CompletionRequest
+from app.api.protocol.openai_options import completion_options
+from app.api.protocol.tgi import GenerateParameters, GenerateRequest
+from app.api.routes import fewshot as routes_fewshot
+from app.api.routes import generate as routes_generate
+from app.api.routes.openai import prompt_list
+from app.api.serving import build_params
 from app.config import Settings
 from app.engine.sampling_params import SamplingParams
 from app.state import ServerState, build_state

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from app.api.chat_template import render_chat, render_chat_prompt, resolve_template
-from app.api.prompt_encoding import (
+from app.modeling.loader import DEFAULT_MODEL_DIR
+from app.prompts.chat_template import render_chat, render_chat_prompt, resolve_template
+from app.prompts.encoding import (
     END,
     START,
     PlainTextError,
@@ -24,7 +25,6 @@ from app.api.prompt_encoding import (
     from_parts,
     plain_ids,
 )
-from app.modeling.loader import DEFAULT_MODEL_DIR
 
 USR, SYS, EOS = 2, 4, 1  # the embedded tokenizer's <usr>, <sys>, </s>
 SPECIALS = ["<s>", "</s>", "<usr>", "<pad>", "<sys>", "<unk>", "<mask>"]

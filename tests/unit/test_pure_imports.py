@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 PURE_MODULES = [
-    "app.engine.block_pool",
-    "app.engine.kv_cache_manager",
-    "app.engine.request",
-    "app.engine.scheduler",
+    "app.engine.core.block_pool",
+    "app.engine.core.kv_cache_manager",
+    "app.engine.core.request",
+    "app.engine.core.scheduler",
     "app.engine.sampling_params",
     "app.engine.detokenizer",
     "app.engine.stop",
@@ -18,13 +18,13 @@ PURE_MODULES = [
     "app.engine.logits_options",
     "app.engine.strategy_options",
     "app.engine.spec_options",
-    "app.engine.ngram_proposer",
+    "app.engine.spec.ngram_proposer",
     "app.engine.grammar_options",
     "app.engine.grammar",
-    "app.engine.class_b.options",
-    "app.engine.class_b.constraints",
-    "app.api.prompt_encoding",
-    "app.api.chat_template",
+    "app.engine.lanes.class_b.options",
+    "app.engine.lanes.class_b.constraints",
+    "app.prompts.encoding",
+    "app.prompts.chat_template",
 ]
 
 
@@ -41,7 +41,7 @@ def test_pure_modules_import_without_torch() -> None:
 
 
 def test_the_guard_itself_catches_torch() -> None:
-    code = "import sys; sys.modules['torch'] = None\nimport app.engine.sampler\n"
+    code = "import sys; sys.modules['torch'] = None\nimport app.engine.sample.sampler\n"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )

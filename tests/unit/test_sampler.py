@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from app.engine.request import FinishReason
-from app.engine.sampler import Sampler, SamplingRow, make_generator
+from app.engine.core.request import FinishReason
+from app.engine.sample.row import SamplingRow, make_generator
+from app.engine.sample.sampler import Sampler
 from app.engine.sampling_params import (
     ParamValidationError,
     SamplingParams,

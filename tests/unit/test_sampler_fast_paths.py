@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from app.engine.logits_warpers import _top_p, _top_p_short
-from app.engine.seeded_draw import draw_seeded
+from app.engine.sample.logits_warpers import _top_p, _top_p_short
+from app.engine.sample.seeded_draw import draw_seeded
 
 
 @pytest.mark.parametrize("vocab", [51200, 3262, 777])

@@ -1,4 +1,4 @@
-"""The top-k rows path (app/engine/top_k_rows.py) gives the bits of HF's full-row warpers.
+"""The top-k rows path (app/engine/sample/top_k_rows.py) gives the bits of HF's full-row warpers.
 
 Reference: transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper on the
 row alone ([1, V], as generate runs it), then softmax and torch.multinomial with the row's
@@ -16,9 +16,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from app.engine.sampler import Sampler, SamplingRow, make_generator
-from app.engine.seeded_draw import NoiseFills
-from app.engine.top_k_rows import draw_top_k_rows, lane_compact, warp_top_k_rows
+from app.engine.sample.row import SamplingRow, make_generator
+from app.engine.sample.sampler import Sampler
+from app.engine.sample.seeded_draw import NoiseFills
+from app.engine.sample.top_k_rows import draw_top_k_rows, lane_compact, warp_top_k_rows
 
 NEG_INF = float("-inf")
 

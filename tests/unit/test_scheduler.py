@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from app.engine.request import FinishReason, Request, Sequence
-from app.engine.scheduler import SchedulerCapacityError
+from app.engine.core.request import FinishReason, Request, Sequence
+from app.engine.core.scheduler import SchedulerCapacityError
 from tests.unit.sim_engine import SimEngine
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.engine.kv_cache_manager import KVCacheManager
+from app.engine.core.kv_cache_manager import KVCacheManager
 from tests.unit.spec_sim import SpecSimEngine, draft_for
 from tests.unit.test_scheduler import reference_outputs
 

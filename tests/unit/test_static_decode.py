@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from app.engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.model_runner import ModelRunner
-from app.engine.scheduler import ScheduledSeq, SchedulerOutput
 from app.modeling.attention_metadata import SeqChunk, build_step_input
 from app.modeling.cuda_graphs import DecodeGraphs
 from app.modeling.gpt2 import PagedGPT2

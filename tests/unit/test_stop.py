@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.generation.stopping_criteria import StopStringCriteria
 
+from app.engine.core.request import FinishReason
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.request import FinishReason
 from app.engine.sampling_params import SamplingParams
 from app.engine.stop import StopChecker, StopStringTextFilter, token_bytes_table
 from tests.unit.test_detokenizer import ADDED, build_tokenizer, korean_text

@@ -1,0 +1,291 @@
+"""Batched logits processing and token choice, identical to transformers' `_sample` loop.
+
+For one row, `model.generate` does (transformers 5.23, GenerationMixin._sample):
+    scores = logits[:, -1].to(float32)
+    scores = logits_processor(input_ids, scores)   # the list _get_logits_processor builds
+    if do_sample: probs = softmax(scores); token = multinomial(probs, 1)
+    else:         token = argmax(scores)
+Here the same processors run on a [S, V] batch with per-row settings, in HF's order:
+logits_processors.apply_processors (biases, penalties, bans, min length, forced tokens, ...),
+logits_warpers.apply_warpers (sampling rows only: temperature, top-h, top-k, top-p, min-p,
+typical, epsilon, eta), logits_processors.apply_post (watermark, renormalize). A row without
+any option beyond temperature / top-k / top-p / min length (`SamplingRow.options is None`)
+never enters the extra stages, so it costs what it did before they existed.
+
+Seeds: `torch.manual_seed(s); model.generate(...)` draws from the default generator, and
+multinomial on a [1, V] row consumes V exponential samples per step. A seeded row therefore
+draws with its own generator (`make_generator`), so its draws do not depend on the rest of the
+batch; unseeded rows share the sampler's generator, in row order, as one batched multinomial.
+The noise does not depend on the logits: its fills start first and overlap the processing
+(seeded_draw.NoiseFills); a call that raises leaves every generator as it found it.
+
+Sampling rows whose warpers are temperature / top-k / top-p with a small k (HF's default
+top_k = 50) run them on their few surviving entries (top_k_rows.py, same bits as the full
+rows); the others go through logits_warpers on full rows. The sampler works on the rows
+grouped as greedy / full / top-k: the float32 copy HF makes is the gather into that order.
+
+Log-probs: `processed_logprobs` is log_softmax of the processed scores (HF's output_scores),
+the distribution the token was actually chosen from; top-n alternatives rank by it.
+`logprobs` is log_softmax of the raw float32 logits (HF's output_logits), computed only when
+read: the engine reports the processed ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.sample.logits_processors import Extra, HFRowFallback, apply_post, apply_processors
+from app.engine.sample.logits_warpers import apply_warpers
+from app.engine.sample.row import SamplingRow
+from app.engine.sample.seeded_draw import NoiseFills, check_probs, gumbel_argmax
+from app.engine.sample.top_k_rows import (
+    TopKRows,
+    draw_top_k_rows,
+    takes_top_k_path,
+    warp_top_k_rows,
+)
+
+
+@dataclass
+class SamplerOutput:
+    """Per row: the chosen token, its log-probs, and the top-n alternatives when asked."""
+
+    token_ids: list[int]
+    # log_softmax of the PROCESSED scores at the chosen token (HF's output_scores): the
+    # distribution the token was drawn from.
+    processed_logprobs: list[float]
+    # The row's `top_n` most likely tokens under the processed scores, best first, and their
+    # processed log-probs; removed tokens (-inf) are left out. [] when top_n = 0.
+    top_token_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+    raw_logits: torch.Tensor | None = field(default=None, repr=False)
+    _raw: list[float] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def logprobs(self) -> list[float]:
+        """log_softmax of the RAW float32 logits at the chosen token (HF's output_logits),
+        computed on first use (the engine reports the processed ones)."""
+        if self.raw_logits is None:
+            return []
+        if self._raw is None:
+            raw = torch.log_softmax(self.raw_logits.to(torch.float32), dim=-1)
+            chosen = torch.tensor(self.token_ids, device=raw.device)[:, None]
+            self._raw = raw.gather(1, chosen)[:, 0].tolist()
+        return self._raw
+
+
+@dataclass
+class _Plan:
+    """The rows grouped by how they are chosen; the sampler works on them in `order`."""
+
+    greedy: list[int]
+    full: list[int]  # sampling rows through the full-row warpers
+    top_k: list[int]  # sampling rows through top_k_rows (small top-k, no later warper)
+
+    @classmethod
+    def of(cls, rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> _Plan:
+        plan = cls([], [], [])
+        for i, row in enumerate(rows):
+            if not row.do_sample:
+                plan.greedy.append(i)
+            elif takes_top_k_path(row, vocab, device):
+                plan.top_k.append(i)
+            else:
+                plan.full.append(i)
+        return plan
+
+    @property
+    def order(self) -> list[int]:
+        return self.greedy + self.full + self.top_k
+
+
+class Sampler:
+    """Chooses one token per row; rows differ in strategy, processors and generator."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        # Generator for unseeded sampling rows; None draws from torch's default generator.
+        self.generator = generator
+        self.fallback = HFRowFallback()
+
+    def process(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow]
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """HF's processed scores per row (what output_scores holds), and which rows changed."""
+        scores = self._float32(logits, rows)
+        return scores, self._process(scores, rows)
+
+    @staticmethod
+    def _float32(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        _check_shape(logits, rows)
+        # HF copies the last-position logits to float32 before any processor.
+        return logits.to(dtype=torch.float32, copy=True)
+
+    def _process(self, scores: torch.Tensor, rows: Sequence[SamplingRow]) -> list[bool]:
+        """Every processor in HF's order, in place; returns which rows they may have changed."""
+        touched = [False] * len(rows)
+        extra = self._before_warpers(scores, rows, touched)
+        sample_rows = [i for i, r in enumerate(rows) if r.do_sample]
+        if sample_rows:
+            apply_warpers(scores, rows, sample_rows, touched)
+        if extra:
+            apply_post(scores, extra, touched, self.fallback)
+        return touched
+
+    def _before_warpers(
+        self, scores: torch.Tensor, rows: Sequence[SamplingRow], touched: list[bool]
+    ) -> Extra:
+        self._guidance(scores, rows, touched)
+        extra: Extra = [(i, r, r.options) for i, r in enumerate(rows) if r.options is not None]
+        apply_processors(scores, rows, extra, touched)
+        return extra
+
+    @staticmethod
+    def _guidance(scores: torch.Tensor, rows: Sequence[SamplingRow], touched: list[bool]) -> None:
+        """UnbatchedClassifierFreeGuidanceLogitsProcessor, first in HF's list: log-softmax of
+        the scores, pushed away from the unconditional (negative prompt) distribution."""
+        for i, row in enumerate(rows):
+            if row.uncond_logits is None:
+                continue
+            cond = torch.log_softmax(scores[i], dim=-1)
+            uncond = torch.log_softmax(row.uncond_logits, dim=-1)  # the model's dtype, as HF
+            mixed = row.guidance_scale * (cond - uncond) + uncond
+            scores[i] = mixed.to(scores.dtype)
+            touched[i] = True
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        _check_shape(logits, rows)
+        plan = _Plan.of(rows, logits.shape[-1], logits.device)
+        sampling = sorted(plan.full + plan.top_k)  # the noise rows follow the batch order
+        # The draws' noise depends on the generators alone: its fills start now.
+        fills = NoiseFills(
+            [rows[i].generator for i in sampling], self.generator, logits.shape[-1], logits.device
+        )
+        try:
+            return self._sample(logits, rows, plan, fills, {i: j for j, i in enumerate(sampling)})
+        except BaseException:
+            fills.rewind()  # as multinomial, a failed call leaves the generators untouched
+            raise
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SamplingRow],
+        plan: _Plan,
+        fills: NoiseFills,
+        noise_of: dict[int, int],
+    ) -> SamplerOutput:
+        """The rows in plan order: greedy [0, ng), full-row sampling [ng, nf), top-k [nf, S);
+        the float32 copy (HF's) is the gather into that order."""
+        order = plan.order
+        device = logits.device
+        if logits.dtype == torch.float32 and not plan.full and not plan.top_k and _read_only(rows):
+            scores = logits  # nothing writes to the scores: no copy (a greedy batch's case)
+        elif order == list(range(len(rows))):
+            scores = logits.to(dtype=torch.float32, copy=True)
+        else:
+            scores = logits.index_select(0, torch.tensor(order, device=device))
+            scores = scores.to(torch.float32)
+        prow = [rows[i] for i in order]
+        ng, nf, size = len(plan.greedy), len(plan.greedy) + len(plan.full), len(rows)
+        touched = [False] * size
+        extra = self._before_warpers(scores, prow, touched)
+        top_k, fast, slow = None, [], []
+        if nf < size:
+            top_k, fast, slow = warp_top_k_rows(scores[nf:], prow[nf:])
+            fast, slow = [nf + j for j in fast], [nf + j for j in slow]
+        full = list(range(ng, nf)) + slow
+        if full:
+            apply_warpers(scores, prow, full, touched)
+        if extra:
+            apply_post(scores, extra, touched, self.fallback)
+        tokens = torch.empty(size, dtype=torch.long, device=device)
+        logprobs = torch.full((size,), math.nan, dtype=torch.float32, device=device)
+        if ng:
+            tokens[:ng] = torch.argmax(scores[:ng], dim=-1)
+        if full:
+            idx = torch.tensor(full, device=device)
+            probs = torch.softmax(_rows(scores, full), dim=-1)
+            check_probs(probs)
+            noise = fills.rows([noise_of[order[p]] for p in full])
+            tokens[idx] = gumbel_argmax(probs, noise)
+        if top_k is not None:
+            idx = torch.tensor(fast, device=device)
+            noise_rows = [fills.row[noise_of[order[p]]] for p in fast]
+            tokens[idx], logprobs[idx] = draw_top_k_rows(
+                top_k, fills.tensor(), noise_rows, fills.zero_rows()
+            )
+        for members in (list(range(nf)), slow):  # every other row: a full-row log-softmax
+            members = [m for m in members if prow[m].logprob]
+            if members:
+                chosen = tokens[torch.tensor(members, device=device)][:, None]
+                lp = torch.log_softmax(_rows(scores, members), dim=-1).gather(1, chosen)
+                logprobs[torch.tensor(members, device=device)] = lp[:, 0]
+        out = SamplerOutput(
+            _unpermute(tokens.tolist(), order),
+            _unpermute(logprobs.tolist(), order),
+            raw_logits=logits,
+        )
+        out.top_token_ids, out.top_logprobs = self._top_n(scores, prow, order, top_k, fast)
+        return out
+
+    @staticmethod
+    def _top_n(
+        scores: torch.Tensor,
+        prow: Sequence[SamplingRow],
+        order: list[int],
+        top_k: TopKRows | None,
+        fast: list[int],
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """Each asking row's top_n tokens under its processed log-probs (original row order)."""
+        ids: list[list[int]] = [[] for _ in prow]
+        lps: list[list[float]] = [[] for _ in prow]
+        asking = [p for p, r in enumerate(prow) if r.top_n > 0]
+        if not asking:
+            return ids, lps
+        in_fast = {p: j for j, p in enumerate(fast)}
+        plain = [p for p in asking if p not in in_fast]
+        sparse = [p for p in asking if p in in_fast]
+        parts = [_rows(scores, plain)] if plain else []
+        if sparse:
+            assert top_k is not None
+            parts.append(top_k.full([in_fast[p] for p in sparse]))
+        lp = torch.log_softmax(torch.cat(parts) if len(parts) > 1 else parts[0], dim=-1)
+        n = min(max(prow[p].top_n for p in asking), lp.shape[-1])
+        values, top = torch.topk(lp, n, dim=-1)
+        for p, vals, toks in zip(plain + sparse, values.tolist(), top.tolist(), strict=True):
+            keep = [k for k in range(min(prow[p].top_n, n)) if math.isfinite(vals[k])]
+            ids[order[p]] = [toks[k] for k in keep]
+            lps[order[p]] = [vals[k] for k in keep]
+        return ids, lps
+
+
+def _read_only(rows: Sequence[SamplingRow]) -> bool:
+    """No processor changes any row's scores: no options, guidance, grammar or active
+    min-length (the only steps that run for rows without options, apply_processors)."""
+    return all(
+        r.options is None and r.uncond_logits is None and r.constraint is None and not r.bans_eos
+        for r in rows
+    )
+
+
+def _check_shape(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+
+
+def _rows(scores: torch.Tensor, members: list[int]) -> torch.Tensor:
+    """scores[members]: a view when they are consecutive, else a gather."""
+    if members == list(range(members[0], members[0] + len(members))):
+        return scores[members[0] : members[0] + len(members)]
+    return scores.index_select(0, torch.tensor(members, device=scores.device))
+
+
+def _unpermute(values: list, order: list[int]) -> list:
+    out = [values[0]] * len(values) if values else []
+    for p, i in enumerate(order):
+        out[i] = values[p]
+    return out
