@@ -12,23 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.api.errors import APIError, param_error
-from app.api.option_routing import split_options
 from app.engine.async_engine import EngineNotRunningError, EngineQueueFullError
 from app.engine.core.request import FinishReason
-from app.engine.lanes.class_b.options import ClassBParams, resolve_class_b
-from app.engine.lanes.class_b.runner import generate_class_b
-from app.engine.outputs import RequestOutput, SequenceOutput
-from app.engine.sampling_params import (
-    ParamValidationError,
-    SamplingParams,
-    resolve_sampling_params,
-)
+from app.engine.lanes.exact import float_counts
+from app.engine.outputs import GeneratedToken, RequestOutput, SequenceOutput
+from app.engine.sampling_params import ParamValidationError, SamplingParams
+from app.options.resolve import ModelLimits, resolve_request
 from app.state import ServerState
 
 logger = logging.getLogger("kogpt.request")
@@ -68,12 +63,6 @@ def check_prompt_ids(state: ServerState, ids: list[int], field_name: str) -> Non
         )
 
 
-def decoder(state: ServerState) -> Callable[[list[int]], str]:
-    """Token ids -> text as the engine's detokenizer makes it (special tokens skipped)."""
-    tokenizer = state.tokenizer
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-
-
 def build_params(
     state: ServerState,
     options: dict[str, Any],
@@ -83,61 +72,33 @@ def build_params(
     exact_lane: bool = False,
     logprobs: bool = True,
 ) -> SamplingParams:
-    """Route the options by the option table, then resolve and validate them; a bad option is
-    a 422 named as the caller named it. `exact_lane`: the caller serves output_attentions /
+    """The resolve step (app/options/resolve.py: routing by the option registry, defaults,
+    ranges, cross-field and model-limit checks) for this server's model; a bad option is a
+    422 named as the caller named it. `exact_lane`: the caller serves output_attentions /
     output_hidden_states (app/api/exact_lane.py); elsewhere they are a 422. `logprobs`:
     False when the response shows no token log-prob and none ranks the sequences (the
     engine then skips their full-row log-softmax)."""
-    renames = {"inputs": "inputs", **(renames or {})}
+    config = state.loaded.config
+    limits = ModelLimits(
+        generation_defaults=state.generation_defaults(),
+        max_total_tokens=state.max_total_tokens,
+        vocab_size=int(config.vocab_size),
+        num_layers=int(config.n_layer),
+        draft_model=state.settings.draft_model is not None,
+    )
     try:
-        split = split_options(options, draft_model=state.settings.draft_model is not None)
-        if split.exact and not exact_lane:
-            name = split.exact[0]
-            raise ParamValidationError(
-                name,
-                f"`{name}` is served by the exact lane of POST /generate, POST / and "
-                "/v1/completions without streaming only",
-            )
-        constrained = [n for n in ("grammar", "allowed_token_ids") if split.engine.get(n)]
-        if split.exact and constrained:  # the exact lane runs generate without the constraint
-            raise ParamValidationError(
-                constrained[0], f"`{constrained[0]}` is not served with `{split.exact[0]}`"
-            )
-        engine = split.engine
-        negative = engine.pop("negative_prompt", None)
-        if negative is not None:
-            if engine.get("negative_prompt_ids") is not None:
-                raise ParamValidationError(
-                    "negative_prompt", "give `negative_prompt` or `negative_prompt_ids`, not both"
-                )
-            engine["negative_prompt_ids"] = encode(state, negative)
-            renames.setdefault("negative_prompt_ids", "negative_prompt")
-        params = resolve_sampling_params(
-            engine,
-            state.generation_defaults(),
-            state.max_total_tokens,
+        params = resolve_request(
+            options,
+            limits,
             prompt_len,
             encode=lambda text: encode(state, text),
-            vocab_size=int(state.loaded.config.vocab_size),
+            exact_lane=exact_lane,
         )
-        # Several sequences: the routes rank them by summed log-probs (best_of, TGI order).
-        params.logprobs = logprobs or params.num_return_sequences > 1
-        if not split.class_b:
-            return params
-        params = resolve_class_b(
-            split.class_b,
-            params,
-            num_layers=int(state.loaded.config.n_layer),
-            vocab_size=int(state.loaded.config.vocab_size),
-            encode=lambda text: encode(state, text),
-        )
-        if split.exact and isinstance(params, ClassBParams):
-            raise ParamValidationError(
-                split.exact[0], f"`{split.exact[0]}` is not served with a class-B decoding method"
-            )
-        return params
     except ParamValidationError as exc:
-        raise param_error(exc, renames) from exc
+        raise param_error(exc, {"inputs": "inputs", **(renames or {})}) from exc
+    # Several sequences: the routes rank them by summed log-probs (best_of, TGI order).
+    params.logprobs = logprobs or params.num_return_sequences > 1
+    return params
 
 
 def admission_error(err: EngineQueueFullError | EngineNotRunningError) -> APIError:
@@ -162,9 +123,13 @@ def engine_error(out: RequestOutput, produced_tokens: bool) -> APIError:
 
 
 async def stream_request(
-    state: ServerState, ctx: RequestContext, prompt_ids: list[int], params: SamplingParams
+    state: ServerState,
+    ctx: RequestContext,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    diagnostics: Sequence[str] = (),
 ) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one request, with metrics and a log line."""
+    """The engine's outputs for one request (any lane), with metrics and a log line."""
     metrics = state.metrics
     start = time.perf_counter()
     first: float | None = None
@@ -176,10 +141,7 @@ async def stream_request(
     texts: list[str] = []
     state.inflight += 1
     try:
-        if isinstance(params, ClassBParams):  # one step at a time between batch steps
-            source = generate_class_b(state.engine, prompt_ids, params)
-        else:
-            source = state.engine.generate(prompt_ids, params)
+        source = state.engine.generate(prompt_ids, params, diagnostics=tuple(diagnostics))
         async with aclosing(source) as outputs:
             async for out in outputs:
                 if out.error is not None:
@@ -232,57 +194,9 @@ async def stream_request(
         logger.info(json.dumps(record, ensure_ascii=False))
 
 
-@dataclass
-class TokenStep:
-    """One generated token with the text it completes (UTF-8 safe) and its alternatives."""
-
-    id: int
-    text: str
-    logprob: float | None
-    top: list[tuple[int, float]]
-
-
-def _top_alternatives(seq: SequenceOutput, k: int) -> list[tuple[int, float]]:
-    """Token k's top_n_tokens alternatives, best first ([] when none were asked for)."""
-    if k >= len(seq.top_token_ids):
-        return []
-    return list(zip(seq.top_token_ids[k], seq.top_logprobs[k], strict=True))
-
-
-def split_text(text: str, token_ids: list[int], decode: Callable[[list[int]], str]) -> list[str]:
-    """Share a multi-token delta's text among its tokens (beam search delivers a whole
-    sequence at once): each token gets what it completes, never a broken character; the
-    pieces always concatenate to `text` (the rest goes to the last token)."""
-    pieces: list[str] = []
-    emitted = ""
-    for k in range(len(token_ids) - 1):
-        prefix = decode(token_ids[: k + 1])
-        piece = ""
-        if not prefix.endswith("\ufffd") and prefix.startswith(emitted):
-            candidate = prefix[len(emitted) :]
-            if text.startswith(emitted + candidate):
-                piece = candidate
-        pieces.append(piece)
-        emitted += piece
-    pieces.append(text[len(emitted) :])
-    return pieces
-
-
-def token_steps(
-    seq: SequenceOutput, decode: Callable[[list[int]], str] | None = None
-) -> list[TokenStep]:
-    """A sequence's delta as per-token steps. One token: it gets the delta's text. Several
-    (beam results): the text is split with `decode`, or all goes with the last token."""
-    n = len(seq.token_ids)
-    if n > 1 and decode is not None:
-        texts = split_text(seq.text, list(seq.token_ids), decode)
-    else:
-        texts = ["" for _ in range(n - 1)] + [seq.text] if n else []
-    steps = []
-    for k, token in enumerate(seq.token_ids):
-        logprob = seq.logprobs[k] if k < len(seq.logprobs) else None
-        steps.append(TokenStep(token, texts[k], logprob, _top_alternatives(seq, k)))
-    return steps
+def token_steps(seq: SequenceOutput) -> list[GeneratedToken]:
+    """A sequence's delta token by token, each with the text the engine gave it."""
+    return list(seq.tokens)
 
 
 @dataclass
@@ -291,7 +205,7 @@ class Completion:
 
     index: int = 0
     text: str = ""
-    steps: list[TokenStep] = field(default_factory=list)
+    steps: list[GeneratedToken] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     score: float | None = None
 
@@ -305,10 +219,8 @@ class Completion:
             return self.score
         return sum(s.logprob for s in self.steps if s.logprob is not None)
 
-    def add(
-        self, seq: SequenceOutput, decode: Callable[[list[int]], str] | None = None
-    ) -> list[TokenStep]:
-        steps = token_steps(seq, decode)
+    def add(self, seq: SequenceOutput) -> list[GeneratedToken]:
+        steps = token_steps(seq)
         self.text += seq.text
         self.steps += steps
         if seq.finish_reason is not None:
@@ -322,14 +234,47 @@ class Completion:
 async def run_to_completion(
     state: ServerState, ctx: RequestContext, prompt_ids: list[int], params: SamplingParams
 ) -> list[Completion]:
+    completions, _ = await run_collecting(state, ctx, prompt_ids, params)
+    return completions
+
+
+async def run_collecting(
+    state: ServerState,
+    ctx: RequestContext,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    diagnostics: Sequence[str] = (),
+) -> tuple[list[Completion], dict[str, list[Any]]]:
+    """Run a request to its end: its completions and, for the exact lane, the diagnostic
+    tensors it asked for (output_attentions / output_hidden_states) as nested lists."""
     completions = [Completion(i) for i in range(params.num_return_sequences)]
-    async with aclosing(stream_request(state, ctx, prompt_ids, params)) as outputs:
+    found: dict[str, list[Any]] = {}
+    source = stream_request(state, ctx, prompt_ids, params, diagnostics)
+    async with aclosing(source) as outputs:
         async for out in outputs:
             for seq in out.outputs:
                 while seq.index >= len(completions):
                     completions.append(Completion(len(completions)))
-                completions[seq.index].add(seq, decoder(state))
-    return completions
+                completions[seq.index].add(seq)
+            found.update(out.diagnostics or {})
+    return completions, found
+
+
+def check_diagnostics_cap(
+    state: ServerState, prompt_len: int, params: SamplingParams, asked: Sequence[str]
+) -> None:
+    """422 naming the field and the cap when the exact lane's outputs would exceed it."""
+    cap = state.settings.exact_lane_max_floats
+    counts = float_counts(state.loaded.config, prompt_len, params)
+    total = sum(counts[name] for name in asked)
+    if total > cap:
+        name = max(asked, key=lambda n: counts[n])
+        raise APIError(
+            422,
+            f"`{name}` would return up to {total} floats, over the cap of {cap} "
+            "(--exact-lane-max-floats); ask for fewer new tokens or a shorter prompt",
+            field=name,
+        )
 
 
 def finish_name(reason: FinishReason | None) -> str:

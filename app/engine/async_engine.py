@@ -88,8 +88,10 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         request_id: str | None = None,
+        diagnostics: tuple[str, ...] = (),
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; closing the iterator early aborts the request."""
+        """Stream the request's outputs, whatever lane serves it (LLMEngine.add_request);
+        closing the iterator early aborts the request."""
         self.check_admission()
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -98,7 +100,7 @@ class AsyncEngine:
                 raise ValueError(f"duplicate request id {request_id!r}")
             self._streams[request_id] = stream
             self._pending_adds += 1
-        self._inbox.put(("add", (request_id, prompt_token_ids, params)))
+        self._inbox.put(("add", (request_id, prompt_token_ids, params, diagnostics)))
         self._wakeup.set()
         finished = False
         try:
@@ -166,14 +168,15 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                request_id, prompt, params = payload
+                request_id, prompt, params, diagnostics = payload
                 with self._lock:
                     self._pending_adds -= 1
                     alive = request_id in self._streams
                 if not alive:
                     continue  # aborted before it reached the engine
                 try:
-                    self.engine.add_request(request_id, prompt, params)
+                    lane = {"diagnostics": diagnostics} if diagnostics else {}
+                    self.engine.add_request(request_id, prompt, params, **lane)
                 except Exception as err:
                     self._deliver([self._error_output(request_id, prompt, err)])
             elif kind == "call":

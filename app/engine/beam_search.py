@@ -221,9 +221,3 @@ class BeamSearch:
             tokens = self.sequences[0, j, self.prompt_len : self.prompt_len + length].tolist()
             out.append((tokens, float(self.beam_scores[0, j])))
         return out
-
-    @property
-    def output_length(self) -> int:
-        """generate pads every returned sequence to the longest one's length."""
-        lengths = (self.beam_indices[0, : self.num_return_sequences] + 1).bool().sum(dim=1)
-        return int(lengths.max())

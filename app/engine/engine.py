@@ -1,9 +1,11 @@
 """LLMEngine: one synchronous step of continuous batching over the paged KV cache.
 
-Each `step()` asks the scheduler for work, runs one varlen forward, samples one token for
-every sequence that reached its last token, runs stop checks and incremental
-detokenization, and returns a `RequestOutput` per request that produced something.
-The threaded asyncio front end lives in async_engine.py.
+Each `step()` first advances every exclusive-lane run one step (class-B methods and the exact
+lane run alone on transformers' model, lanes/), then asks the scheduler for work, runs one
+varlen forward, samples one token for every sequence that reached its last token, and turns
+each token into output through the one output path (output_processor.py: stop checks,
+incremental detokenization, stop-string filter). It returns a `RequestOutput` per request that
+produced something. The threaded asyncio front end lives in async_engine.py.
 """
 
 from __future__ import annotations
@@ -20,17 +22,22 @@ from app.engine.beam_search import BeamSearch, prepare_generation
 from app.engine.core.kv_cache_manager import KVCacheManager
 from app.engine.core.request import FinishReason, Request, Sequence
 from app.engine.core.scheduler import Scheduler, SchedulerConfig
-from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.grammar import ConstraintFactory
+from app.engine.lanes.class_b.options import ClassBParams
+from app.engine.lanes.class_b.runner import ClassBRun, rows_error
+from app.engine.lanes.context import LaneContext, LaneRequestError, LaneRun
+from app.engine.lanes.exact import ExactRun
 from app.engine.model_runner import ModelRunner
-from app.engine.outputs import RequestOutput, SequenceOutput
-from app.engine.sample.group_sampling import Pick, sample_groups
+from app.engine.output_processor import OutputProcessor
+from app.engine.outputs import GeneratedToken, RequestOutput
+from app.engine.request_state import RequestState, SequenceState
+from app.engine.sample.group_sampling import sample_groups
 from app.engine.sample.row import make_generator
 from app.engine.sample.sampler import Sampler
 from app.engine.sampling_params import SamplingParams
 from app.engine.spec.decoder import SpecContext, SpecDecoder, first_logits_rows
 from app.engine.spec.draft_model import DraftModel
-from app.engine.stop import StopChecker, StopStringTextFilter, token_bytes_table
+from app.engine.stop import token_bytes_table
 from app.modeling.linear import LinearBackend, Quantize
 from app.modeling.native import NativeKernels
 
@@ -50,17 +57,6 @@ class EngineConfig:
     enforce_eager: bool = False  # never capture CUDA graphs of decode steps
     static_decode: bool | None = None  # padded decode: None = with graphs; True on CPU: tests
     native_kernels: NativeKernels = "auto"  # app/modeling/native.py
-
-
-@dataclass
-class _RequestState:
-    request: Request
-    params: SamplingParams
-    stop: StopChecker
-    generator: torch.Generator | None
-    beam: BeamSearch | None = None
-    first_token_time: float | None = None
-    deadline: float | None = None  # max_time: monotonic time after which generation stops
 
 
 class LLMEngine:
@@ -100,7 +96,12 @@ class LLMEngine:
             )
         self._token_bytes: list[bytes] | None = None
         self.constraints = ConstraintFactory(tokenizer, int(hf_model.config.vocab_size))
-        self._states: dict[str, _RequestState] = {}
+        self._states: dict[str, RequestState] = {}
+        # Exclusive lanes (class-B methods, the exact lane): one step each per engine step.
+        self._lanes: dict[str, LaneRun] = {}
+        self.lane_context = LaneContext(
+            hf_model, tokenizer, self.runner.device, lambda: self.token_bytes, self._heal
+        )
         # speculative decoding: drafts and their verification, through a narrow context
         self.spec = SpecDecoder(
             SpecContext(
@@ -125,20 +126,38 @@ class LLMEngine:
         return self._token_bytes
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        diagnostics: tuple[str, ...] = (),
     ) -> None:
+        """Admit a request. `diagnostics` (output_attentions / output_hidden_states) and the
+        class-B methods take an exclusive lane; everything else the batched one."""
+        if diagnostics:
+            run: LaneRun = ExactRun(
+                self.lane_context, list(prompt_token_ids), params, list(diagnostics)
+            )
+            self._lanes[request_id] = run
+            return
+        if isinstance(params, ClassBParams) and params.class_b is not None:
+            too_many = rows_error(params, self.config.max_num_seqs)
+            if too_many is not None:  # as the scheduler refuses a request that can never fit
+                raise LaneRequestError(too_many)
+            self._lanes[request_id] = ClassBRun(self.lane_context, list(prompt_token_ids), params)
+            return
         if params.token_healing:
             prompt_token_ids = self._heal(prompt_token_ids)
         prompt_len = len(prompt_token_ids)
         seq = Sequence.from_prompt(prompt_token_ids)
         seqs = [seq]
         max_total = params.stop_length(prompt_len)
+        companion = None
         if params.guidance_scale is not None:
             # The unconditional sequence: the negative prompt (generate's default: the
             # prompt's last token), then every generated token; its logits guide the choice.
             negative = params.negative_prompt_ids or prompt_token_ids[-1:]
             companion = Sequence.from_prompt(negative)
-            companion.data["companion"] = True
             seqs.append(companion)
             max_total = max(max_total, len(negative) + max_total - prompt_len)
         request = Request(
@@ -148,7 +167,7 @@ class LLMEngine:
             params=params,
             max_num_seqs=max(params.num_beams, params.num_return_sequences, len(seqs)),
         )
-        stop = StopChecker(params, prompt_len, self.token_bytes if params.stop_strings else None)
+        output = OutputProcessor(params, prompt_token_ids, self.tokenizer, lambda: self.token_bytes)
         generator = None
         if params.seed is not None and params.do_sample:
             generator = make_generator(params.seed, self.runner.device)
@@ -159,12 +178,13 @@ class LLMEngine:
                 self.runner.hf_model, prompt_token_ids, params.generate_kwargs, self.tokenizer
             )
             beam = BeamSearch(prepared, prompt_token_ids, generator)
-        self._init_sequence(seq, params)  # first: a grammar that fails to build admits nothing
-        self.scheduler.add_request(request)  # raises SchedulerCapacityError if it can never fit
         deadline = None if params.max_time is None else time.monotonic() + params.max_time
-        self._states[request_id] = _RequestState(
-            request, params, stop, generator, beam, deadline=deadline
+        state = RequestState(
+            request, params, output, generator, beam, companion=companion, deadline=deadline
         )
+        self._init_sequence(state, seq)  # first: a grammar that fails to build admits nothing
+        self.scheduler.add_request(request)  # raises SchedulerCapacityError if it can never fit
+        self._states[request_id] = state
 
     @torch.inference_mode()
     def _heal(self, prompt_token_ids: list[int]) -> list[int]:
@@ -176,13 +196,16 @@ class LLMEngine:
         pad = self.tokenizer.pad_token_id
         return [int(t) for t in healed.tolist() if t != pad] or prompt_token_ids
 
-    def _init_sequence(self, seq: Sequence, params: SamplingParams) -> None:
-        seq.data["detok"] = IncrementalDetokenizer(self.tokenizer, seq.token_ids[: seq.prompt_len])
-        seq.data["filter"] = StopStringTextFilter(params.stop_strings)
-        seq.data["constraint"] = self.constraints.make(params)  # grammar: a fresh matcher each
+    def _init_sequence(self, state: RequestState, seq: Sequence) -> None:
+        state.sequences[seq.seq_id] = SequenceState(
+            text=state.output.sequence_text(seq.token_ids[: seq.prompt_len]),
+            constraint=self.constraints.make(state.params),  # grammar: a fresh matcher each
+        )
 
     def abort_request(self, request_id: str) -> bool:
         self._states.pop(request_id, None)
+        if self._lanes.pop(request_id, None) is not None:
+            return True
         return self.scheduler.abort_request(request_id) is not None
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -192,10 +215,36 @@ class LLMEngine:
             self.draft.kv_cache.copy_blocks(copies)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._lanes) or self.scheduler.has_unfinished()
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step of every exclusive-lane run, then one batch step."""
+        return self._step_lanes() + self._step_batch()
+
+    def _step_lanes(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for request_id, run in list(self._lanes.items()):
+            try:
+                seqs = run.step()
+            except LaneRequestError as err:  # the request's options: a 422, not a failure
+                message, kind = f"{type(err).__name__}: {err}", "invalid_request"
+            except Exception as err:  # reported like a failed engine request (500)
+                logger.exception("request %s failed", request_id)
+                message, kind = f"{type(err).__name__}: {err}", "internal"
+            else:
+                if run.finished:
+                    del self._lanes[request_id]
+                if seqs or run.finished:
+                    out = RequestOutput(request_id, run.prompt, seqs, run.finished)
+                    out.diagnostics = run.diagnostics
+                    outputs.append(out)
+                continue
+            del self._lanes[request_id]
+            outputs.append(RequestOutput(request_id, run.prompt, [], True, message, kind))
+        return outputs
+
+    def _step_batch(self) -> list[RequestOutput]:
         # Requests running before the step: the time since the last forward was host work.
         self.runner.step_timer.begin_step(continuing=self.scheduler.num_running > 0)
         sched = self.scheduler.schedule()
@@ -221,7 +270,7 @@ class LLMEngine:
         groups: dict[str, dict[int, int]] = {}
         for row, item in zip(first_logits_rows(sampling), sampling, strict=True):
             groups.setdefault(item.request_id, {})[item.seq_id] = row
-        plain: list[tuple[_RequestState, dict[int, int]]] = []
+        plain: list[tuple[RequestState, dict[int, int]]] = []
         for request_id, rows in groups.items():
             state = self._states[request_id]
             if state.beam is None:
@@ -248,62 +297,48 @@ class LLMEngine:
 
     def _advance(
         self,
-        state: _RequestState,
+        state: RequestState,
         seq: Sequence,
-        pick: Pick,
+        pick: GeneratedToken,
         outputs: dict[str, RequestOutput],
     ) -> None:
-        token = pick.token
+        """A chosen token of a plain (non-beam) sequence: stop checks, then the output."""
+        token = pick.id
         request = state.request
         if state.first_token_time is None:
             state.first_token_time = time.monotonic()
         seq.token_ids.append(token)
-        for companion in request.seqs:
-            if companion.data.get("companion"):
-                companion.token_ids.append(token)
-        reason = state.stop.check(seq.token_ids)
-        constraint = seq.data.get("constraint")
-        if constraint is not None:  # feeds the grammar; eos when it is complete
-            reason = constraint.advance(token, reason)
+        if state.companion is not None:
+            state.companion.token_ids.append(token)
+        reason = state.output.check(seq.token_ids)
+        seq_state = state.sequences[seq.seq_id]
+        if seq_state.constraint is not None:  # feeds the grammar; eos when it is complete
+            reason = seq_state.constraint.advance(token, reason)
         if reason is None and state.deadline is not None and time.monotonic() > state.deadline:
             reason = FinishReason.LENGTH  # MaxTimeCriteria: generate stops, no other reason
-        detok: IncrementalDetokenizer = seq.data["detok"]
-        text_filter: StopStringTextFilter = seq.data["filter"]
-        delta = detok.add(token)
-        if reason is None:
-            text = text_filter.push(delta)
-        else:
-            text = text_filter.finish(delta + detok.flush(), reason)
+        assert seq_state.text is not None
+        output = state.output.token_output(
+            request.seqs.index(seq), seq_state.text, pick, reason, seq.num_output_tokens
+        )
+        if reason is not None:
             self.scheduler.finish_sequence(seq, reason)
         out = self._output_for(request, outputs)
-        index = request.seqs.index(seq)
-        out.outputs.append(
-            SequenceOutput(
-                index,
-                text,
-                [token],
-                [pick.logprob] if state.params.logprobs else [],
-                seq.num_output_tokens,
-                reason,
-                top_token_ids=[pick.top_ids],
-                top_logprobs=[pick.top_logprobs],
-            )
-        )
-        if not any(not s.data.get("companion") for s in request.live_seqs):
+        out.outputs.append(output)
+        if not any(s is not state.companion for s in request.live_seqs):
             self._finish(state, out, reason or FinishReason.LENGTH)
 
-    def _fork_siblings(self, state: _RequestState) -> None:
+    def _fork_siblings(self, state: RequestState) -> None:
         """num_return_sequences > 1: after the prompt, fork the siblings (shared blocks)."""
         request = state.request
         parent = request.seqs[0]
         for _ in range(request.max_num_seqs - 1):
             child = parent.fork()
-            self._init_sequence(child, state.params)
+            self._init_sequence(state, child)
             self.scheduler.fork_sequence(parent, child)
             request.seqs.append(child)
 
     def _beam_step(
-        self, state: _RequestState, logits: torch.Tensor, outputs: dict[str, RequestOutput]
+        self, state: RequestState, logits: torch.Tensor, outputs: dict[str, RequestOutput]
     ) -> None:
         request, beam = state.request, state.beam
         assert beam is not None
@@ -328,15 +363,8 @@ class LLMEngine:
         if not step.done:
             return
         out = self._output_for(request, outputs)
-        prompt = request.seqs[0].token_ids[: request.seqs[0].prompt_len]
         for index, (tokens, score) in enumerate(beam.results()):
-            reason = state.stop.check(prompt + tokens) or FinishReason.LENGTH
-            text = StopStringTextFilter(state.params.stop_strings).finish(
-                self.tokenizer.decode(tokens, skip_special_tokens=True), reason
-            )
-            out.outputs.append(
-                SequenceOutput(index, text, tokens, [], len(tokens), reason, score=score)
-            )
+            out.outputs.append(state.output.whole_sequence(index, tokens, score))
         self._finish(state, out, out.outputs[0].finish_reason or FinishReason.LENGTH)
 
     def _output_for(self, request: Request, outputs: dict[str, RequestOutput]) -> RequestOutput:
@@ -354,7 +382,7 @@ class LLMEngine:
             outputs[request.request_id] = out
         return out
 
-    def _finish(self, state: _RequestState, out: RequestOutput, reason: FinishReason) -> None:
+    def _finish(self, state: RequestState, out: RequestOutput, reason: FinishReason) -> None:
         out.finished = True
         self.scheduler.finish_request(state.request.request_id, reason)
         self._states.pop(state.request.request_id, None)

@@ -29,8 +29,8 @@ import llguidance.hf
 import numpy as np
 
 from app.engine.core.request import FinishReason
-from app.engine.grammar_options import GrammarSpec
 from app.engine.sampling_params import SamplingParams
+from app.options.constraints import GrammarSpec
 
 
 class GrammarError(RuntimeError):

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.engine.core.request import FinishReason
+
+
+@dataclass
+class GeneratedToken:
+    """One generated token with its log-probs: the one type from the sampler to the wire."""
+
+    id: int
+    # log_softmax of the processed scores (what the token was drawn from; HF output_scores);
+    # None when nothing shows or ranks by it (SamplingParams.logprobs false)
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)  # top_n_tokens, best first
+    text: str = ""  # the text it completes (UTF-8 complete, stop strings cut)
 
 
 @dataclass
@@ -12,16 +25,27 @@ class SequenceOutput:
     """What one sequence produced in one step (deltas), plus running totals."""
 
     index: int
-    text: str  # new text, UTF-8 complete, stop strings cut
-    token_ids: list[int]  # new token ids
-    # log_softmax of the processed scores (what the token was drawn from; HF output_scores)
-    logprobs: list[float]
+    text: str  # new text, UTF-8 complete, stop strings cut: the tokens' texts joined
+    tokens: list[GeneratedToken]
     num_output_tokens: int
     finish_reason: FinishReason | None = None
     score: float | None = None  # beam search: the hypothesis' sequence score
-    # Per new token, its top_n_tokens alternatives (ids and log-probs, best first).
-    top_token_ids: list[list[int]] = field(default_factory=list)
-    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t.id for t in self.tokens]
+
+    @property
+    def logprobs(self) -> list[float]:
+        return [t.logprob for t in self.tokens if t.logprob is not None]
+
+    @property
+    def top_token_ids(self) -> list[list[int]]:
+        return [[i for i, _ in t.top] for t in self.tokens]
+
+    @property
+    def top_logprobs(self) -> list[list[float]]:
+        return [[lp for _, lp in t.top] for t in self.tokens]
 
 
 @dataclass
@@ -35,4 +59,6 @@ class RequestOutput:
     error_kind: str | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # The exact lane's diagnostic tensors as nested lists ("attentions", "hidden_states").
+    diagnostics: dict[str, list[Any]] | None = None
     metrics: dict[str, float] = field(default_factory=dict)

@@ -184,23 +184,24 @@ class Injector:
         if stage == "detokenizer":
             init = engine._init_sequence
 
-            def faulty_init(seq: Any, params: Any) -> None:
-                init(seq, params)
+            def faulty_init(state: Any, seq: Any) -> None:
+                init(state, seq)
                 if self.is_poison(seq.token_ids):
-                    seq.data["detok"] = FaultyDetokenizer(seq.data["detok"], self.fire)
+                    text = state.sequences[seq.seq_id].text
+                    text.detok = FaultyDetokenizer(text.detok, self.fire)
 
             self.monkeypatch.setattr(engine, "_init_sequence", faulty_init)
             return
         add = engine.add_request
 
-        def faulty_add(request_id: str, prompt: list[int], params: Any) -> None:
-            add(request_id, prompt, params)
+        def faulty_add(request_id: str, prompt: list[int], params: Any, *lanes: Any) -> None:
+            add(request_id, prompt, params, *lanes)
             if not self.is_poison(prompt):
                 return
             state = engine._states[request_id]
             if stage == "stop check":
-                check = state.stop.check
-                state.stop.check = lambda ids: self.fire(stage) if self.due(ids) else check(ids)
+                check = state.output.check
+                state.output.check = lambda ids: self.fire(stage) if self.due(ids) else check(ids)
             else:  # beam step
                 step, calls = state.beam.step, []
 

@@ -26,7 +26,8 @@ def engine(
 
 
 def run_all(engine: LLMEngine, **options: Any) -> list[list[SequenceOutput]]:
-    run = ClassBRun(engine, list(PROMPT), class_b_params(engine.runner.hf_model, 5, **options))
+    params = class_b_params(engine.runner.hf_model, 5, **options)
+    run = ClassBRun(engine.lane_context, list(PROMPT), params)
     steps = []
     while not run.finished:
         steps.append(run.step())

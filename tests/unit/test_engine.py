@@ -150,7 +150,7 @@ def test_failing_request_fails_alone(tiny_model, tiny_tokenizer, monkeypatch) ->
     for i, prompt in enumerate(prompts):
         params = resolve_sampling_params({"max_new_tokens": 6}, {}, 128, len(prompt))
         engine.add_request(f"r{i}", prompt, params)
-    original = engine._states["r1"].stop.check
+    original = engine._states["r1"].output.check
     calls = {"n": 0}
 
     def exploding(token_ids):  # type: ignore[no-untyped-def]
@@ -159,7 +159,7 @@ def test_failing_request_fails_alone(tiny_model, tiny_tokenizer, monkeypatch) ->
             raise RuntimeError("boom")
         return original(token_ids)
 
-    engine._states["r1"].stop.check = exploding
+    engine._states["r1"].output.check = exploding
     errors, finished = {}, set()
     while engine.has_unfinished():
         for out in engine.step():

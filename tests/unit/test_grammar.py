@@ -17,10 +17,10 @@ from transformers import AutoTokenizer
 
 from app.engine.core.request import FinishReason
 from app.engine.grammar import ConstraintFactory, GrammarError, TokenConstraint, token_masks
-from app.engine.grammar_options import GrammarSpec, parse_grammar, resolve_constraints
 from app.engine.sampling_params import SamplingParams, resolve_sampling_params
 from app.engine.stop import token_bytes_table
-from app.engine.validation import ParamValidationError
+from app.options.checks import ParamValidationError
+from app.options.constraints import GrammarSpec, parse_grammar, resolve_constraints
 
 ROOT = Path(__file__).resolve().parents[2]
 PERSON: dict[str, Any] = {

@@ -378,10 +378,17 @@ def test_remove_invalid_values_on_non_finite_logits() -> None:
     params = resolve_sampling_params({"remove_invalid_values": True}, {}, N_POS, 3)
     rows = [SamplingRow.from_params(params, [5, 6, 7], 3) for _ in range(2)]
     rows.append(SamplingRow.from_params(resolve_sampling_params({}, {}, N_POS, 3), [5], 1))
-    scores, _ = Sampler().process(logits, rows)
+    for row in rows:
+        row.top_n = VOCAB  # every token's processed log-prob: the whole processed row
+    out = Sampler().sample(logits, rows)
     want = InfNanRemoveLogitsProcessor()(torch.tensor([[5]]), logits[:2].clone())
-    assert torch.equal(scores[:2], want) and torch.equal(scores[2], logits[2])
-    assert Sampler().sample(logits, rows).token_ids[:2] == [5, int(want[1].argmax())]
+    for i, expected in enumerate([*want, logits[2]]):
+        expected_lp = torch.log_softmax(expected.float(), dim=-1)
+        finite = [t for t in range(VOCAB) if math.isfinite(expected_lp[t])]  # top-n drops -inf
+        got = dict(zip(out.top_token_ids[i], out.top_logprobs[i], strict=True))
+        assert sorted(got) == finite
+        assert [got[t] for t in finite] == expected_lp[finite].tolist()
+    assert out.token_ids[:2] == [5, int(want[1].argmax())]
 
 
 # ---------------------------------------------------------------- bad_words as text, engine

@@ -1,5 +1,5 @@
 """Validation of the logits options: each invalid value is a ParamValidationError (a 422)
-naming the field and the allowed range, with HF's rules (see app/engine/logits_options.py)."""
+naming the field and the allowed range, with HF's rules (see app/options/logits.py)."""
 
 from __future__ import annotations
 

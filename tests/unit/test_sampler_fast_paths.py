@@ -7,7 +7,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from app.engine.sample.logits_warpers import _top_p, _top_p_short
-from app.engine.sample.seeded_draw import draw_seeded
+from app.engine.sample.seeded_draw import NoiseFills, check_probs, gumbel_argmax
 
 
 @pytest.mark.parametrize("vocab", [51200, 3262, 777])
@@ -40,6 +40,14 @@ def test_per_row_top_p_values() -> None:
     got = _top_p(scores.clone(), [0.3, 0.8, 0.95])
     for i, p in enumerate([0.3, 0.8, 0.95]):
         assert torch.equal(got[i : i + 1], TopPLogitsWarper(p)(None, scores[i : i + 1].clone()))
+
+
+def draw_seeded(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of `probs` [n, V], row j drawn with `generators[j]`: the sampler's
+    seeded draw (its noise fills and Gumbel argmax) on its own."""
+    check_probs(probs)
+    fills = NoiseFills(generators, None, probs.shape[-1], probs.device)
+    return gumbel_argmax(probs, fills.rows(range(len(generators))))
 
 
 def test_seeded_draws_equal_multinomial_per_row() -> None:

@@ -12,7 +12,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.protocol.openai import OpenAIRequestFields, Usage
-from app.engine.logits_options import TOP_N_TOKENS_MAX
+from app.options.registry import option_range
+
+_NEW_TOKENS = option_range("max_new_tokens").bounds()
+_N = option_range("num_return_sequences").bounds()
+_TOP = option_range("top_n_tokens")
 
 CHAT_EXAMPLE = {
     "model": "kogpt2-mini",
@@ -59,19 +63,20 @@ class ChatCompletionRequest(OpenAIRequestFields):
         min_length=1, description="The conversation, rendered by the chat template."
     )
     max_completion_tokens: int | None = Field(
-        default=None, ge=1, description="New tokens per choice (default: the rest of the context)."
+        default=None,
+        description="New tokens per choice (default: the rest of the context).",
+        **_NEW_TOKENS,
     )
     max_tokens: int | None = Field(
-        default=None, ge=1, description="Older name of max_completion_tokens."
+        default=None, description="Older name of max_completion_tokens.", **_NEW_TOKENS
     )
-    n: int | None = Field(default=1, ge=1, description="Choices (num_return_sequences).")
+    n: int | None = Field(default=1, description="Choices (num_return_sequences).", **_N)
     stop: str | list[str] | None = Field(default=None, description="Stop strings.")
     logprobs: bool | None = Field(default=False, description="Return the tokens' logprobs.")
     top_logprobs: int | None = Field(
         default=None,
-        ge=0,
-        le=TOP_N_TOKENS_MAX,
-        description=f"Alternatives per token (0..{TOP_N_TOKENS_MAX}); needs logprobs: true.",
+        description=f"Alternatives per token (0..{_TOP.upper}); needs logprobs: true.",
+        **_TOP.bounds(),
     )
 
 

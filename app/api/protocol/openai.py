@@ -11,6 +11,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.options.registry import option_range
+
+# OpenAI fields that are generate options under another name take the option's bounds.
+_TEMPERATURE, _TOP_P = option_range("temperature").bounds(), option_range("top_p").bounds()
+_N, _BEST_OF = option_range("num_return_sequences").bounds(), option_range("best_of").bounds()
+_LOGPROBS = option_range("top_n_tokens")
+
 COMPLETION_EXAMPLES = [
     {"model": "kogpt2-mini", "prompt": "대한민국은", "max_tokens": 32, "temperature": 0},
     {
@@ -62,9 +69,12 @@ class OpenAIRequestFields(BaseModel):
 
     model: str | None = Field(default=None, description="The served model name (GET /v1/models).")
     temperature: float | None = Field(
-        default=1.0, ge=0, allow_inf_nan=False, description="0 = greedy (do_sample false)."
+        default=1.0,
+        allow_inf_nan=False,
+        description="0 = greedy (do_sample false).",
+        **_TEMPERATURE,
     )
-    top_p: float | None = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_p: float | None = Field(default=1.0, description="Nucleus sampling mass.", **_TOP_P)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(
@@ -99,12 +109,16 @@ class CompletionRequest(OpenAIRequestFields):
     max_tokens: int | None = Field(
         default=16, ge=0, description="New tokens per choice (0 only with echo)."
     )
-    n: int | None = Field(default=1, ge=1, description="Choices per prompt.")
+    n: int | None = Field(default=1, description="Choices per prompt.", **_N)
     best_of: int | None = Field(
-        default=None, ge=1, description="Sample this many per prompt, return the n most likely."
+        default=None,
+        description="Sample this many per prompt, return the n most likely.",
+        **_BEST_OF,
     )
     logprobs: int | None = Field(
-        default=None, ge=0, le=5, description="Return logprobs (and up to 5 alternatives)."
+        default=None,
+        description=f"Return logprobs (and up to {_LOGPROBS.upper} alternatives).",
+        **_LOGPROBS.bounds(),
     )
     echo: bool | None = Field(default=False, description="Prepend the prompt to the text.")
     stop: str | list[str] | None = Field(default=None, description="Stop strings (up to any).")

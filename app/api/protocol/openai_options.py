@@ -6,8 +6,8 @@ Mapping (documented in docs/api.md):
   num_return_sequences (best_of sequences sampled, the n most likely returned); stop ->
   stop_strings; logit_bias {"id": b} -> sequence_bias [[[id], b]]; logprobs k -> per-token
   logprob plus top_n_tokens k alternatives when the engine reports them; seed -> seed.
-  presence_penalty / frequency_penalty have no transformers equivalent: passed to the engine
-  when it serves them, otherwise non-zero values are a 422 "not supported". response_format
+  presence_penalty / frequency_penalty have no transformers equivalent: a non-zero value is a
+  422 "not supported" (0, OpenAI's default, is accepted). response_format
   json_object / json_schema -> grammar (docs/grammar.md); `grammar` itself is an extra field.
   Extra body fields are generate options (validated as in /generate) and win over the above.
 """
@@ -21,9 +21,9 @@ from pydantic import ValidationError
 from app.api.errors import APIError
 from app.api.options import GenerateOptions
 from app.api.protocol.openai import CompletionRequest, LogProbs, ResponseFormat
-from app.api.serving import Completion, TokenStep
-from app.engine import sampling_params
+from app.api.serving import Completion
 from app.engine.core.request import FinishReason
+from app.engine.outputs import GeneratedToken
 
 DEFAULT_MAX_TOKENS = 16
 RENAMES = {
@@ -33,11 +33,6 @@ RENAMES = {
     "top_n_tokens": "logprobs",
     "inputs": "prompt",
 }
-
-
-def engine_serves(option: str) -> bool:
-    accepted = getattr(sampling_params, "ACCEPTED_OPTIONS", sampling_params.FIELD_NAMES)
-    return option in accepted
 
 
 def extra_options(body: CompletionRequest) -> dict[str, Any]:
@@ -83,21 +78,18 @@ def completion_options(body: CompletionRequest) -> tuple[dict[str, Any], dict[st
         options["stop_strings"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
     if body.seed is not None:
         options["seed"] = body.seed
-    if body.logprobs and engine_serves("top_n_tokens"):
+    if body.logprobs:
         options["top_n_tokens"] = body.logprobs
     if body.logit_bias:
         options["sequence_bias"] = logit_bias(body.logit_bias)
     for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(body, name)
-        if value:
-            if not engine_serves(name):
-                raise APIError(
-                    422,
-                    f"`{name}` is not supported (transformers has no equivalent); "
-                    "use `repetition_penalty` as an extra field, or 0",
-                    field=name,
-                )
-            options[name] = value
+        if getattr(body, name):
+            raise APIError(
+                422,
+                f"`{name}` is not supported (transformers has no equivalent); "
+                "use `repetition_penalty` as an extra field, or 0",
+                field=name,
+            )
     extras = extra_options(body)
     grammar = response_format_grammar(body.response_format)
     if grammar is not None:
@@ -172,7 +164,7 @@ class LogprobBuilder:
             self.offset += len(text)
         return out
 
-    def steps(self, steps: list[TokenStep]) -> LogProbs:
+    def steps(self, steps: list[GeneratedToken]) -> LogProbs:
         out = LogProbs(top_logprobs=[] if self.k else None)
         for step in steps:
             name = self.tokenizer.decode([step.id])

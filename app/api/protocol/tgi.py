@@ -7,21 +7,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from app.api.option_table import DETAILS_OPTIONS, EXACT_LANE_OPTIONS
 from app.api.options import GenerateOptions
+from app.options.registry import (
+    DETAILS_OPTIONS,
+    EXACT_LANE_OPTIONS,
+    TGI_MODEL,
+    names,
+)
+from app.options.schema import option_field, option_fields
 
 DETAILS_FLAGS = (*DETAILS_OPTIONS, *EXACT_LANE_OPTIONS)
+TGI_ONLY = names(model=TGI_MODEL)  # TGI's own parameters (not generate options)
 
 
-class GenerateParameters(GenerateOptions):
-    """Generate options: every `model.generate` option plus TGI's own parameters.
-
-    Omitted (or null) options take the checkpoint's generation_config defaults exactly as
-    `model.generate` does (greedy, 20 new tokens, top_k 50 when sampling, ...).
-    Unknown fields are rejected with 422 so a typo is never silently ignored.
-    """
+class _TGIParameters(GenerateOptions):  # type: ignore[misc, valid-type]
+    """GenerateParameters' behaviour; its fields are generated from the option registry."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -33,28 +35,8 @@ class GenerateParameters(GenerateOptions):
         },
     )
 
-    stop: list[str] | None = Field(default=None, description="Stop strings (TGI name).")
-    details: bool = Field(default=False, description="Return per-token details.")
-    decoder_input_details: bool = Field(
-        default=False, description="Also return the prompt tokens (logprob null) in details."
-    )
-    return_full_text: bool | None = Field(
-        default=False, description="Prepend the prompt to generated_text."
-    )
-    best_of: int | None = Field(
-        default=None, ge=1, description="Sample this many sequences, return the most likely."
-    )
-    truncate: int | None = Field(
-        default=None, ge=1, description="Keep only the last `truncate` prompt tokens."
-    )
-    watermark: bool = Field(default=False, description="Watermark (default WatermarkingConfig).")
-    frequency_penalty: float | None = Field(
-        default=None, description="OpenAI-style frequency penalty (422 unless served)."
-    )
-    adapter_id: str | None = Field(default=None, description="LoRA adapter: not served (422).")
-
     @model_validator(mode="after")
-    def _output_flags_mean_details(self) -> GenerateParameters:
+    def _output_flags_mean_details(self) -> Any:
         """output_scores / output_logits / return_dict_in_generate (and the exact lane's
         output_attentions / output_hidden_states) ask for what `details` returns."""
         if any(getattr(self, name) for name in DETAILS_FLAGS):
@@ -62,20 +44,9 @@ class GenerateParameters(GenerateOptions):
         return self
 
     def generate_options(self) -> tuple[dict[str, Any], dict[str, str]]:
-        """(engine options, renames): options for resolve_sampling_params, and how to name
-        an engine field in an error (e.g. num_return_sequences set by best_of -> best_of)."""
-        api_only = {
-            "stop",
-            "details",
-            "decoder_input_details",
-            "return_full_text",
-            "best_of",
-            "truncate",
-            "watermark",
-            "frequency_penalty",
-            "adapter_id",
-        }
-        data = self.engine_options(exclude=api_only)
+        """(engine options, renames): options for the resolve step, and how to name an engine
+        field in an error (e.g. num_return_sequences set by best_of -> best_of)."""
+        data = self.engine_options(exclude=TGI_ONLY)
         renames: dict[str, str] = {}
         if self.stop:
             stops = data.get("stop_strings") or []
@@ -86,11 +57,24 @@ class GenerateParameters(GenerateOptions):
         if self.watermark and "watermarking_config" not in data:
             data["watermarking_config"] = {}
             renames["watermarking_config"] = "watermark"
-        if self.adapter_id is not None:  # the option table rejects it (split_options)
+        if self.adapter_id is not None:  # the registry rejects it (split_options)
             data["adapter_id"] = self.adapter_id
         if self.frequency_penalty is not None and self.frequency_penalty != 0:
             data["frequency_penalty"] = self.frequency_penalty
         return data, renames
+
+
+GenerateParameters = create_model(
+    "GenerateParameters",
+    __base__=_TGIParameters,
+    __doc__="""Generate options: every `model.generate` option plus TGI's own parameters.
+
+Omitted (or null) options take the checkpoint's generation_config defaults exactly as
+`model.generate` does (greedy, 20 new tokens, top_k 50 when sampling, ...).
+Unknown fields are rejected with 422 so a typo is never silently ignored.""",
+    __module__=__name__,
+    **option_fields(TGI_ONLY),
+)
 
 
 class GenerateRequest(BaseModel):
@@ -109,9 +93,7 @@ class GenerateRequest(BaseModel):
     )
 
     inputs: str = Field(default="", description="The prompt text.")
-    input_ids: list[int] | None = Field(
-        default=None, description="The prompt as token ids (instead of `inputs`)."
-    )
+    input_ids: list[int] | None = option_field("input_ids")[1]
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = Field(default=False, description="POST /: stream (SSE) instead of JSON.")
 

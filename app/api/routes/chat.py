@@ -33,16 +33,15 @@ from app.api.routes.openai import ERRORS, check_model
 from app.api.serving import (
     Completion,
     RequestContext,
-    TokenStep,
     admit,
     build_params,
     check_prompt_ids,
-    decoder,
     run_to_completion,
     stream_request,
     token_steps,
 )
 from app.api.streaming import DONE, SSEResponse, guarded, sse_event
+from app.engine.outputs import GeneratedToken
 from app.engine.sampling_params import SamplingParams
 from app.engine.stop import token_bytes_table
 from app.prompts.chat_template import render_chat_prompt, resolve_template, turn_stop_token_ids
@@ -171,7 +170,7 @@ class ChatBuilder:
         text = self.state.tokenizer.decode([token])
         return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
-    def logprobs(self, steps: list[TokenStep]) -> dict[str, Any] | None:
+    def logprobs(self, steps: list[GeneratedToken]) -> dict[str, Any] | None:
         if self.k is None:
             return None
         content = []
@@ -224,11 +223,10 @@ class ChatBuilder:
             yield self.chunk([self.choice(index, {"role": "assistant", "content": ""})])
         generated = 0
         finished: set[int] = set()
-        decode = decoder(self.state)
         async with aclosing(stream_request(self.state, ctx, ids, params)) as outputs:
             async for out in outputs:
                 for seq in out.outputs:
-                    steps = token_steps(seq, decode)
+                    steps = token_steps(seq)
                     generated += len(steps)
                     if seq.text or (steps and self.k is not None):
                         lp = self.logprobs(steps)

@@ -15,7 +15,6 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 
 from app.api.errors import APIError
-from app.api.exact_lane import check_cap, run_exact
 from app.api.option_routing import exact_outputs
 from app.api.protocol.tgi import (
     BestOfSequence,
@@ -31,18 +30,19 @@ from app.api.protocol.tgi import (
 from app.api.serving import (
     Completion,
     RequestContext,
-    TokenStep,
     admit,
     build_params,
+    check_diagnostics_cap,
     check_prompt_ids,
-    decoder,
     encode,
     finish_name,
+    run_collecting,
     run_to_completion,
     stream_request,
     token_steps,
 )
 from app.api.streaming import SSEResponse, guarded, sse_event
+from app.engine.outputs import GeneratedToken
 from app.engine.sampling_params import SamplingParams
 from app.state import ServerState, get_state
 
@@ -128,7 +128,7 @@ def prepare(state: ServerState, body: GenerateRequest, stream: bool = False) -> 
     )
     exact = exact_outputs(options)
     if exact:
-        check_cap(state, len(prompt_ids), params, exact)
+        check_diagnostics_cap(state, len(prompt_ids), params, exact)
     if body.input_ids is not None or truncate is not None:
         prompt_text = state.tokenizer.decode(prompt_ids)
     else:
@@ -146,11 +146,11 @@ def special_ids(state: ServerState) -> set[int]:
     return set(state.tokenizer.all_special_ids)
 
 
-def to_token(step: TokenStep, special: set[int]) -> Token:
+def to_token(step: GeneratedToken, special: set[int]) -> Token:
     return Token(id=step.id, text=step.text, logprob=step.logprob, special=step.id in special)
 
 
-def top_tokens(step: TokenStep, special: set[int], state: ServerState) -> list[Token]:
+def top_tokens(step: GeneratedToken, special: set[int], state: ServerState) -> list[Token]:
     return [
         Token(id=t, text=state.tokenizer.decode([t]), logprob=lp, special=t in special)
         for t, lp in step.top
@@ -196,7 +196,7 @@ async def generate_once(request: Request, state: ServerState, body: GenerateRequ
     prep = prepare(state, body)
     ctx = context(request, endpoint, prep.prompt_text)
     if prep.exact:
-        run = run_exact(state, ctx, prep.prompt_ids, prep.params, prep.exact)
+        run = run_collecting(state, ctx, prep.prompt_ids, prep.params, prep.exact)
         completions, diagnostics = await guarded(request, run, state.cutoff)
         response = build_response(state, prep, completions)
         assert response.details is not None  # the exact lane's options turn details on
@@ -220,7 +220,6 @@ async def tgi_events(
     that finishes a sequence, so the token event of that step carries generated_text and
     details (TGI's last event)."""
     special = special_ids(state)
-    decode = decoder(state)
     want_top = getattr(prep.params, "top_n_tokens", 0) > 0
     pending: dict[str, Any] | None = None
     text = ""
@@ -231,7 +230,7 @@ async def tgi_events(
             for seq in out.outputs:
                 if seq.index != 0:
                     continue
-                for step in token_steps(seq, decode):
+                for step in token_steps(seq):
                     if pending is not None:
                         yield sse_event(pending)
                     count += 1

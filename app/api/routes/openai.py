@@ -18,7 +18,6 @@ from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
 
 from app.api.errors import APIError
-from app.api.exact_lane import check_cap, run_exact
 from app.api.option_routing import exact_outputs
 from app.api.protocol.openai import (
     CompletionChoice,
@@ -42,9 +41,10 @@ from app.api.serving import (
     RequestContext,
     admit,
     build_params,
+    check_diagnostics_cap,
     check_prompt_ids,
-    decoder,
     encode,
+    run_collecting,
     run_to_completion,
     stream_request,
     token_steps,
@@ -253,7 +253,6 @@ class Builder:
         streams = [stream_request(self.state, job.ctx, job.ids, job.params) for _, job in live]
         generated = 0
         done = 0
-        decode = decoder(self.state)
         async with aclosing(merged(streams)) as outputs:  # type: ignore[arg-type]
             async for k, out in outputs:
                 i = live[k][0]
@@ -261,7 +260,7 @@ class Builder:
                 choices = []
                 for seq in out.outputs:
                     index = i * self.n + seq.index
-                    steps = token_steps(seq, decode)
+                    steps = token_steps(seq)
                     generated += len(steps)
                     b = builders.get(index)
                     lp = None if b is None else b.steps(steps).model_dump()
@@ -332,7 +331,7 @@ async def completions(
                 logprobs=body.logprobs is not None,  # token_logprobs shown
             )
             if exact:
-                check_cap(state, len(ids), params, exact)
+                check_diagnostics_cap(state, len(ids), params, exact)
         ctx = RequestContext(request.url.path, request_id, body.user, text)
         jobs.append(Job(ids, text, params, ctx))
     builder = Builder(state, body, jobs, n)
@@ -344,7 +343,7 @@ async def completions(
         return SSEResponse(builder.events(), cutoff=state.cutoff)
     job = jobs[0]
     if exact and job.params is not None:
-        lane = run_exact(state, job.ctx, job.ids, job.params, exact)
+        lane = run_collecting(state, job.ctx, job.ids, job.params, exact)
         completions, diagnostics = await guarded(request, lane, state.cutoff)
         response = builder.response([completions]).model_dump(mode="json")
         return JSONResponse({**response, "details": diagnostics})

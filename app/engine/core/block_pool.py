@@ -143,11 +143,6 @@ class BlockPool:
                 del self._cached[block.block_hash]
             block.block_hash = None
 
-    def reset_prefix_cache(self) -> None:
-        for block in self._cached.values():
-            block.block_hash = None
-        self._cached.clear()
-
     def check_integrity(self, expected_refs: dict[int, int]) -> None:
         """Every block is either free (ref 0, on the free list) or owned with the right count.
 

@@ -41,10 +41,8 @@ class Sequence:
     token_ids: list[int]  # prompt followed by generated tokens
     num_computed_tokens: int = 0
     finish_reason: FinishReason | None = None
-    # Free-form per-sequence state the engine keeps (detokenizer, logprobs, beam score).
-    data: dict[str, Any] = field(default_factory=dict)
     # Speculative tokens proposed to follow token_ids; the scheduler computes them after the
-    # last token in the next decode step and the engine verifies them (spec_decode.py).
+    # last token in the next decode step and the engine verifies them (spec/decoder.py).
     spec_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
@@ -73,8 +71,6 @@ class Sequence:
             self.prompt_len,
             list(self.token_ids),
             self.num_computed_tokens,
-            None,
-            dict(self.data),
         )
 
 

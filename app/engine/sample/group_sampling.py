@@ -8,28 +8,19 @@ batched `multinomial` does (per-row draws in row order equal one batched draw).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from app.engine.core.request import Sequence
+from app.engine.outputs import GeneratedToken
+from app.engine.request_state import RequestState
 from app.engine.sample.row import SamplingRow
 from app.engine.sample.sampler import Sampler
 
 
-@dataclass
-class Pick:
-    """One sampled token with its log-prob and alternatives."""
-
-    token: int
-    logprob: float
-    top_ids: list[int]
-    top_logprobs: list[float]
-
-
 def sampling_rows(
-    state: Any, logits: torch.Tensor, rows: dict[int, int], dummy_row: int
+    state: RequestState, logits: torch.Tensor, rows: dict[int, int], dummy_row: int
 ) -> tuple[list[Sequence], list[SamplingRow], list[int]]:
     """One request's sequences, sampler rows and logits row indices, in sibling order.
 
@@ -39,8 +30,8 @@ def sampling_rows(
     seqs: list[Sequence] = []
     sampler_rows: list[SamplingRow] = []
     logit_rows: list[int] = []
-    siblings = [s for s in request.seqs if not s.data.get("companion")]
-    companion = next((s for s in request.seqs if s.data.get("companion")), None)
+    companion = state.companion
+    siblings = [s for s in request.seqs if s is not companion]
     if len(siblings) == 1 and params.num_return_sequences > 1:
         siblings = [siblings[0]] * params.num_return_sequences
     for seq in siblings:
@@ -49,7 +40,7 @@ def sampling_rows(
         seqs.append(seq)
         row = SamplingRow.from_params(params, seq.token_ids, seq.prompt_len, state.generator)
         if not seq.is_finished:  # a finished sibling's dummy row draws unconstrained
-            row.constraint = seq.data.get("constraint")
+            row.constraint = state.sequences[seq.seq_id].constraint
         if companion is not None:
             row.guidance_scale = params.guidance_scale
             row.uncond_logits = logits[rows[companion.seq_id]]
@@ -61,9 +52,9 @@ def sampling_rows(
 def sample_groups(
     sampler: Sampler,
     logits: torch.Tensor,
-    plain: list[tuple[Any, dict[int, int]]],
+    plain: list[tuple[RequestState, dict[int, int]]],
     failed: dict[str, Exception],
-) -> list[tuple[Any, list[Sequence], list[Pick]]]:
+) -> list[tuple[RequestState, list[Sequence], list[GeneratedToken]]]:
     """One batched sampler call for all requests; if it raises, requests are retried one by
     one so the failing one is isolated (recorded in `failed`). Dummy rows are dropped."""
     if not plain:
@@ -98,7 +89,7 @@ def sample_groups(
 
 def sample_chunk(
     sampler: Sampler, logits: torch.Tensor, chunk: list[tuple[Any, ...]]
-) -> list[Pick]:
+) -> list[GeneratedToken]:
     rows = [r for _state, _seqs, sampler_rows, _lr in chunk for r in sampler_rows]
     index = [i for *_rest, logit_rows in chunk for i in logit_rows]
     if index == list(range(logits.shape[0])):
@@ -112,4 +103,7 @@ def sample_chunk(
     top_ids = res.top_token_ids or [[] for _ in range(n)]
     top_lps = res.top_logprobs or [[] for _ in range(n)]
     lps = res.processed_logprobs or res.logprobs
-    return [Pick(res.token_ids[i], lps[i], top_ids[i], top_lps[i]) for i in range(n)]
+    return [
+        GeneratedToken(res.token_ids[i], lps[i], list(zip(top_ids[i], top_lps[i], strict=True)))
+        for i in range(n)
+    ]

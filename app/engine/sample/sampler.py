@@ -111,30 +111,6 @@ class Sampler:
         self.generator = generator
         self.fallback = HFRowFallback()
 
-    def process(
-        self, logits: torch.Tensor, rows: Sequence[SamplingRow]
-    ) -> tuple[torch.Tensor, list[bool]]:
-        """HF's processed scores per row (what output_scores holds), and which rows changed."""
-        scores = self._float32(logits, rows)
-        return scores, self._process(scores, rows)
-
-    @staticmethod
-    def _float32(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        _check_shape(logits, rows)
-        # HF copies the last-position logits to float32 before any processor.
-        return logits.to(dtype=torch.float32, copy=True)
-
-    def _process(self, scores: torch.Tensor, rows: Sequence[SamplingRow]) -> list[bool]:
-        """Every processor in HF's order, in place; returns which rows they may have changed."""
-        touched = [False] * len(rows)
-        extra = self._before_warpers(scores, rows, touched)
-        sample_rows = [i for i, r in enumerate(rows) if r.do_sample]
-        if sample_rows:
-            apply_warpers(scores, rows, sample_rows, touched)
-        if extra:
-            apply_post(scores, extra, touched, self.fallback)
-        return touched
-
     def _before_warpers(
         self, scores: torch.Tensor, rows: Sequence[SamplingRow], touched: list[bool]
     ) -> Extra:

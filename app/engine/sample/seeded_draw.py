@@ -131,12 +131,3 @@ def check_probs(probs: torch.Tensor) -> None:
 def gumbel_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """multinomial(probs, 1) given its noise: argmax(p / q) per row."""
     return torch.argmax(probs / noise, dim=-1)
-
-
-def draw_seeded(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token per row of `probs` [n, V], row j drawn with `generators[j]` alone."""
-    if len(generators) != probs.shape[0]:
-        raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
-    check_probs(probs)
-    fills = NoiseFills(generators, None, probs.shape[-1], probs.device)
-    return gumbel_argmax(probs, fills.rows(range(len(generators))))

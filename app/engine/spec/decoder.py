@@ -26,29 +26,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from app.engine.core.request import Sequence
 from app.engine.core.scheduler import ScheduledSeq, Scheduler
-from app.engine.outputs import RequestOutput
-from app.engine.sample.group_sampling import Pick, sample_groups
+from app.engine.outputs import GeneratedToken, RequestOutput
+from app.engine.request_state import RequestState
+from app.engine.sample.group_sampling import sample_groups
 from app.engine.sample.sampler import Sampler
 from app.engine.spec.draft_model import DraftModel, DraftRequest
 from app.engine.spec.ngram_proposer import propose_ngram
-from app.engine.spec_options import DEFAULT_MAX_MATCHING_NGRAM_SIZE
+from app.options.speculative import DEFAULT_MAX_MATCHING_NGRAM_SIZE
 
 # The engine's output callback: a chosen token -> the request's output (stop checks,
 # detokenization), exactly as for a token of plain decoding.
-Advance = Callable[[Any, Sequence, Pick, dict[str, RequestOutput]], None]
+Advance = Callable[[RequestState, Sequence, GeneratedToken, dict[str, RequestOutput]], None]
 
 
 @dataclass
 class SpecContext:
     """What verification and drafting use of the engine, handed in (never the engine)."""
 
-    states: Mapping[str, Any]  # request id -> the engine's per-request state
+    states: Mapping[str, RequestState]  # request id -> the engine's per-request state
     advance: Advance
     sampler: Sampler
     scheduler: Scheduler
@@ -65,7 +65,7 @@ def first_logits_rows(sampling: list[ScheduledSeq]) -> list[int]:
     return rows
 
 
-def can_speculate(state: Any) -> bool:
+def can_speculate(state: RequestState) -> bool:
     """One sequence decoding plainly: the requests whose drafts can be verified token by token."""
     params, request = state.params, state.request
     return (
@@ -80,7 +80,7 @@ def can_speculate(state: Any) -> bool:
 class _Verifying:
     item: ScheduledSeq
     row: int  # logits row of round 0
-    state: Any
+    state: RequestState
     seq: Sequence
     accepted: int = 0
 
@@ -151,7 +151,7 @@ class SpecDecoder:
 
     def propose(self, sampling: list[ScheduledSeq]) -> None:
         """Drafts for the sequences that just got tokens, verified in the next step."""
-        wanted: list[tuple[Any, Sequence, int]] = []  # state, sequence, drafts allowed
+        wanted: list[tuple[RequestState, Sequence, int]] = []  # state, sequence, drafts allowed
         for request_id in dict.fromkeys(item.request_id for item in sampling):
             state = self.ctx.states.get(request_id)
             if state is None or not can_speculate(state):
@@ -174,7 +174,8 @@ class SpecDecoder:
                     params.eos_token_ids,
                 )
             elif self.ctx.draft is not None:
-                num = min(seq.data.get("assistant_tokens", params.num_assistant_tokens), room)
+                scheduled = state.sequence(seq).assistant_tokens
+                num = min(scheduled or params.num_assistant_tokens, room)
                 if self._reserve(seq, len(seq.token_ids) + num):
                     request = DraftRequest(
                         seq.token_ids,
@@ -209,6 +210,7 @@ def _update_assistant_tokens(v: _Verifying) -> None:
         "heuristic_transient",
     ):
         return
-    num = v.seq.data.get("assistant_tokens", params.num_assistant_tokens)
+    seq_state = v.state.sequence(v.seq)
+    num = seq_state.assistant_tokens or params.num_assistant_tokens
     full = v.accepted == len(v.item.draft_token_ids)
-    v.seq.data["assistant_tokens"] = num + 2 if full else max(1, num - 1)
+    seq_state.assistant_tokens = num + 2 if full else max(1, num - 1)

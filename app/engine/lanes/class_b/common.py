@@ -2,7 +2,7 @@
 
 Each method is a Python generator over one request that yields after every decoding step,
 so the engine thread can run a batch step in between (runner.py advances it one step per
-`AsyncEngine.run_exclusive` call). Token-by-token methods yield a `TokenChoice` per token;
+engine step). Token-by-token methods yield a `TokenChoice` per token;
 beam methods yield None per step and a `BeamOutcome` at the end. A generator must not hold
 a torch grad-mode context across a yield (the caller wraps every step in inference mode).
 """

@@ -1,4 +1,4 @@
-"""Serving a class-B request: one decoding step per `AsyncEngine.run_exclusive` call.
+"""Serving a class-B request: one decoding step per engine step (an exclusive lane run).
 
 The methods need what the paged batch forward does not give: k candidate forwards per token
 and the hidden states of the last layer (contrastive), the hidden states of every layer
@@ -7,28 +7,23 @@ constrained beam search). So each request runs alone on transformers' GPT2LMHead
 own DynamicCache, on the engine thread (the model's one owner), one step per call: between
 two of its steps the engine runs its batch steps, so other requests keep going.
 
-`ClassBRun` turns the method's steps into engine-shaped `SequenceOutput`s with the engine's
-own stop checker and detokenizer: token-by-token methods (contrastive, DoLa) stream a token
-per step with its logprob and alternatives; beam methods deliver their sequences at the end.
+`ClassBRun` turns the method's steps into engine-shaped `SequenceOutput`s through the engine's
+one output path (output_processor.py): token-by-token methods (contrastive, DoLa) stream a
+token per step with its logprob and alternatives; beam methods deliver their sequences at the
+end.
 Options reach the method as `model.generate` prepares them (processors, stopping criteria,
 through `custom_generate`, as the engine's beam search does).
 """
 
 from __future__ import annotations
 
-import logging
 import secrets
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 
-from app.engine.async_engine import AsyncEngine
 from app.engine.beam_search import prepare_generation
 from app.engine.core.request import FinishReason
-from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.engine import LLMEngine
 from app.engine.lanes.class_b.common import BeamOutcome, MethodInputs, StepIterator, TokenChoice
 from app.engine.lanes.class_b.constrained_beam import constrained_beam_search
 from app.engine.lanes.class_b.constraints import build_constraint
@@ -36,33 +31,12 @@ from app.engine.lanes.class_b.contrastive import contrastive_search
 from app.engine.lanes.class_b.dola import dola_decoding
 from app.engine.lanes.class_b.group_beam import group_beam_search
 from app.engine.lanes.class_b.options import CONSTRAINED, CONTRASTIVE, DOLA, ClassBParams
-from app.engine.outputs import RequestOutput, SequenceOutput
+from app.engine.lanes.context import LaneContext, LaneRequestError, generate_kwargs
+from app.engine.output_processor import OutputProcessor, SequenceText, chosen_token
+from app.engine.outputs import SequenceOutput
 from app.engine.sample.row import make_generator
-from app.engine.stop import StopChecker, StopStringTextFilter
 
-logger = logging.getLogger("kogpt.engine")
 _END = object()  # the method's iterator is exhausted
-
-
-class ClassBRequestError(ValueError):
-    """transformers' generate refused the request's options while preparing (a 422)."""
-
-
-def generate_kwargs(params: ClassBParams, healed: bool) -> dict[str, Any]:
-    """The request's options for `model.generate` (as the exact lane passes them)."""
-    kwargs = params.generate_kwargs
-    if healed:  # the healed prompt may differ in length: count new tokens, as the engine does
-        del kwargs["max_length"], kwargs["min_length"]
-        kwargs["max_new_tokens"] = params.max_new_tokens
-        if params.min_new_tokens:
-            kwargs["min_new_tokens"] = params.min_new_tokens
-    if params.ignore_eos:
-        kwargs["eos_token_id"] = None
-    if kwargs.get("watermarking_config") is not None:
-        from transformers.generation import WatermarkingConfig
-
-        kwargs["watermarking_config"] = WatermarkingConfig(**kwargs["watermarking_config"])
-    return kwargs
 
 
 def method_inputs(
@@ -116,27 +90,25 @@ def start_method(
 class ClassBRun:
     """One class-B request on the engine; `step()` runs one decoding step (engine thread)."""
 
-    def __init__(self, engine: LLMEngine, prompt: list[int], params: ClassBParams) -> None:
-        self.engine = engine
+    def __init__(self, lane: LaneContext, prompt: list[int], params: ClassBParams) -> None:
+        self.lane = lane
         self.prompt = prompt
         self.params = params
         self.method: StepIterator | None = None
         self.tokens: list[int] = []
         self.finished = False
+        self.diagnostics: dict[str, list[Any]] | None = None
 
     def _start(self) -> None:
         if self.params.token_healing:
-            self.prompt = self.engine._heal(self.prompt)  # the engine's own admission step
-        self.checker = StopChecker(
-            self.params,
-            len(self.prompt),
-            self.engine.token_bytes if self.params.stop_strings else None,
+            self.prompt = self.lane.heal(self.prompt)  # the engine's own admission step
+        self.out = OutputProcessor(
+            self.params, self.prompt, self.lane.tokenizer, self.lane.token_bytes
         )
-        self.detok = IncrementalDetokenizer(self.engine.tokenizer, self.prompt)
-        self.text_filter = StopStringTextFilter(self.params.stop_strings)
-        model = self.engine.runner.hf_model
+        self.text: SequenceText = self.out.sequence_text()
+        healed = self.params.token_healing
         self.method = start_method(
-            model, self.prompt, self.params, self.engine.tokenizer, self.params.token_healing
+            self.lane.model, self.prompt, self.params, self.lane.tokenizer, healed
         )
 
     @torch.inference_mode()
@@ -146,64 +118,31 @@ class ClassBRun:
             try:
                 self._start()
             except (ValueError, TypeError) as err:
-                raise ClassBRequestError(f"{type(err).__name__}: {err}") from err
+                raise LaneRequestError(f"{type(err).__name__}: {err}") from err
         assert self.method is not None
         step = next(self.method, _END)
         if isinstance(step, TokenChoice):
             return [self._token(step)]
         if isinstance(step, BeamOutcome):
             self.finished = True
-            return self._beams(step)
+            return [
+                self.out.whole_sequence(index, row, score)
+                for index, (row, score) in enumerate(step.hypotheses)
+            ]
         if step is _END:
             self.finished = True  # generate's criteria stopped it (max_time): no more tokens
-            text = self.text_filter.finish(self.detok.flush(), FinishReason.LENGTH)
-            return [SequenceOutput(0, text, [], [], len(self.tokens), FinishReason.LENGTH)]
+            text = self.text.finish(FinishReason.LENGTH)
+            return [SequenceOutput(0, text, [], len(self.tokens), FinishReason.LENGTH)]
         return []  # a beam step: nothing to report until the search ends
 
     def _token(self, choice: TokenChoice) -> SequenceOutput:
         token = choice.token
         self.tokens.append(token)
-        reason = self.checker.check(self.prompt + self.tokens)
+        reason = self.out.check(self.prompt + self.tokens)
+        self.finished = reason is not None
         logprobs = torch.log_softmax(choice.scores.double(), dim=-1)
-        top_n = min(self.params.top_n_tokens, logprobs.shape[-1])
-        top_lp, top_ids = torch.topk(logprobs, top_n)
-        keep = [j for j, v in enumerate(top_lp.tolist()) if v != -float("inf")]
-        delta = self.detok.add(token)
-        if reason is None:
-            text = self.text_filter.push(delta)
-        else:
-            self.finished = True
-            text = self.text_filter.finish(delta + self.detok.flush(), reason)
-        return SequenceOutput(
-            0,
-            text,
-            [token],
-            [float(logprobs[token])],
-            len(self.tokens),
-            reason,
-            top_token_ids=[[int(top_ids[j]) for j in keep]],
-            top_logprobs=[[float(top_lp[j]) for j in keep]],
-        )
-
-    def _beams(self, outcome: BeamOutcome) -> list[SequenceOutput]:
-        """The returned sequences, cut where the engine's stop checks end them."""
-        outputs = []
-        for index, (row, score) in enumerate(outcome.hypotheses):
-            tokens: list[int] = []
-            reason = None
-            for token in row:
-                tokens.append(token)
-                reason = self.checker.check(self.prompt + tokens)
-                if reason is not None:
-                    break
-            reason = reason or FinishReason.LENGTH
-            text = StopStringTextFilter(self.params.stop_strings).finish(
-                self.engine.tokenizer.decode(tokens, skip_special_tokens=True), reason
-            )
-            outputs.append(
-                SequenceOutput(index, text, tokens, [], len(tokens), reason, score=score)
-            )
-        return outputs
+        chosen = chosen_token(logprobs, token, self.params.top_n_tokens)
+        return self.out.token_output(0, self.text, chosen, reason, len(self.tokens))
 
 
 def rows_error(params: ClassBParams, max_num_seqs: int) -> str | None:
@@ -217,36 +156,6 @@ def rows_error(params: ClassBParams, max_num_seqs: int) -> str | None:
     if rows <= max_num_seqs:
         return None
     return f"`{name}` ({rows}) needs {rows} model rows per step but max_num_seqs is {max_num_seqs}"
-
-
-async def generate_class_b(
-    async_engine: AsyncEngine,
-    prompt: list[int],
-    params: ClassBParams,
-    request_id: str | None = None,
-) -> AsyncIterator[RequestOutput]:
-    """Stream a class-B request's outputs as the engine streams its own (same types).
-    Closing the iterator early abandons the request: its state is simply dropped."""
-    async_engine.check_admission()
-    request_id = request_id or uuid.uuid4().hex
-    too_many = rows_error(params, async_engine.engine.config.max_num_seqs)
-    if too_many is not None:  # as the scheduler refuses a request that can never fit
-        yield RequestOutput(request_id, prompt, [], True, too_many, "invalid_request")
-        return
-    run = ClassBRun(async_engine.engine, prompt, params)
-    while not run.finished:
-        try:
-            outputs = await async_engine.run_exclusive(run.step)
-        except ClassBRequestError as err:
-            yield RequestOutput(request_id, prompt, [], True, str(err), "invalid_request")
-            return
-        except Exception as err:  # reported like a failed engine request (500)
-            logger.exception("class-B request %s failed", request_id)
-            message = f"{type(err).__name__}: {err}"
-            yield RequestOutput(request_id, run.prompt, [], True, message, "internal")
-            return
-        if outputs or run.finished:
-            yield RequestOutput(request_id, run.prompt, outputs, run.finished)
 
 
 def run_method(

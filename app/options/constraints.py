@@ -24,7 +24,7 @@ from typing import Any
 
 from llguidance import LLMatcher
 
-from app.engine.validation import ParamValidationError, is_int
+from app.options.checks import ParamValidationError, is_int
 
 GRAMMAR_TYPES = ("json", "json_object", "json_schema", "regex")
 # llguidance's JSON compiler defaults for this server: compact output. A small model that may

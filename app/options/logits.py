@@ -16,21 +16,11 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from app.engine.validation import ParamValidationError, bool_, finite, int_, is_int
+from app.options.checks import ParamValidationError, bool_, finite, int_, is_int
+from app.options.registry import TORCH_SEED, option_range
 
-# GenerationConfig._get_default_generation_params() for these fields (None: off).
-LOGITS_DEFAULTS: dict[str, Any] = {
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "remove_invalid_values": False,
-    "renormalize_logits": False,
-}
 # Accepted by resolve but not stored as such: `bad_words` is merged into bad_words_ids.
 API_ONLY_INPUTS: frozenset[str] = frozenset({"bad_words"})
-TOP_N_TOKENS_MAX = 5
 WATERMARK_DEFAULTS: dict[str, Any] = {  # transformers.WatermarkingConfig()
     "greenlist_ratio": 0.25,
     "bias": 2.0,
@@ -52,17 +42,6 @@ def _token_list(name: str, value: Any, vocab_size: int | None, allow_empty: bool
         what = "a list" if allow_empty else "a non-empty list"
         raise ParamValidationError(name, f"`{name}` must be {what} of token ids, got {value!r}")
     return [_token(name, v, vocab_size) for v in value]
-
-
-def _unit(name: str, value: Any, lo_open: bool, hi_open: bool) -> float:
-    """A number in [0, 1] with the given ends open, e.g. (0, 1] for top_p-like options."""
-    x = finite(name, value)
-    lo_ok = x > 0 if lo_open else x >= 0
-    hi_ok = x < 1 if hi_open else x <= 1
-    if not (lo_ok and hi_ok):
-        span = f"{'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
-        raise ParamValidationError(name, f"`{name}` must be in {span}, got {x}")
-    return x
 
 
 def _bad_words_ids(value: Any, vocab_size: int | None) -> list[list[int]]:
@@ -161,7 +140,7 @@ def _watermark(value: Any) -> dict[str, Any]:
             f"`{name}.seeding_scheme` must be 'lefthash' or 'selfhash', got "
             f"{cfg['seeding_scheme']!r}",
         )
-    if not is_int(cfg["hashing_key"]) or not -(2**63) <= cfg["hashing_key"] <= 2**64 - 1:
+    if not is_int(cfg["hashing_key"]) or not TORCH_SEED.contains(cfg["hashing_key"]):
         # transformers hands it to torch as a 64-bit seed: wider values overflow there.
         raise ParamValidationError(
             name, f"`{name}.hashing_key` must be an integer in [-2**63, 2**64 - 1]"
@@ -186,21 +165,18 @@ def resolve_logits_options(
     vocab_size: int | None,
 ) -> dict[str, Any]:
     """The SamplingParams fields for the logits options (pick: user > checkpoint > default)."""
+    get = pick
 
-    def get(name: str) -> Any:
-        value = pick(name)
-        return LOGITS_DEFAULTS.get(name) if value is None else value
+    def in_range(name: str, value: Any) -> Any:
+        """The registry's range (RepetitionPenaltyLogitsProcessor: "strictly positive", ...)."""
+        bounds = option_range(name)
+        return (bounds.check_int if name == "no_repeat_ngram_size" else bounds.check_float)(
+            name, value
+        )
 
     out: dict[str, Any] = {}
-    penalty = finite("repetition_penalty", get("repetition_penalty"))
-    if penalty <= 0:  # RepetitionPenaltyLogitsProcessor: "strictly positive float"
-        raise ParamValidationError(
-            "repetition_penalty", f"`repetition_penalty` must be > 0 (1.0 is off), got {penalty}"
-        )
-    out["repetition_penalty"] = penalty
-    out["no_repeat_ngram_size"] = int_(
-        "no_repeat_ngram_size", get("no_repeat_ngram_size"), 0, ">= 0 (0 is off)"
-    )
+    out["repetition_penalty"] = in_range("repetition_penalty", get("repetition_penalty"))
+    out["no_repeat_ngram_size"] = in_range("no_repeat_ngram_size", get("no_repeat_ngram_size"))
 
     bad = get("bad_words_ids")
     bad_ids = [] if bad is None else _bad_words_ids(bad, vocab_size)
@@ -242,24 +218,14 @@ def resolve_logits_options(
     out["exponential_decay_length_penalty"] = (
         None if decay is None else _exp_decay(decay, eos, max_length - prompt_len)
     )
-    min_p = get("min_p")
-    out["min_p"] = None if min_p is None else _unit("min_p", min_p, False, False)
-    out["typical_p"] = _unit("typical_p", get("typical_p"), True, False)
-    out["epsilon_cutoff"] = _unit("epsilon_cutoff", get("epsilon_cutoff"), False, True)
-    out["eta_cutoff"] = _unit("eta_cutoff", get("eta_cutoff"), False, True)
-    top_h = get("top_h")
-    out["top_h"] = None if top_h is None else _unit("top_h", top_h, True, False)
+    for name in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"):
+        value = get(name)  # min_p and top_h default to None (off)
+        out[name] = None if value is None else in_range(name, value)
     out["renormalize_logits"] = bool_("renormalize_logits", get("renormalize_logits"))
     out["remove_invalid_values"] = bool_("remove_invalid_values", get("remove_invalid_values"))
     watermark = get("watermarking_config")
     out["watermarking_config"] = None if watermark is None else _watermark(watermark)
-    out["top_n_tokens"] = int_(
-        "top_n_tokens", given.get("top_n_tokens", 0), 0, f"in [0, {TOP_N_TOKENS_MAX}]"
+    out["top_n_tokens"] = option_range("top_n_tokens").check_int(
+        "top_n_tokens", get("top_n_tokens")
     )
-    if out["top_n_tokens"] > TOP_N_TOKENS_MAX:
-        raise ParamValidationError(
-            "top_n_tokens",
-            f"`top_n_tokens` must be an integer in [0, {TOP_N_TOKENS_MAX}], got "
-            f"{out['top_n_tokens']}",
-        )
     return out

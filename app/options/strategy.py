@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from app.engine.validation import ParamValidationError, is_int
-from app.engine.validation import bool_ as _bool
-from app.engine.validation import finite as _finite
-from app.engine.validation import int_ as _int
+from app.options.checks import ParamValidationError, is_int
+from app.options.checks import bool_ as _bool
+from app.options.checks import finite as _finite
+from app.options.registry import option_range
 
 
 def _token_list_checked(name: str, value: Any, vocab_size: int | None) -> list[int]:
@@ -24,8 +24,10 @@ def resolve_strategy(
     pick: Callable[[str], Any], given: dict[str, Any], do_sample: bool, vocab_size: int | None
 ) -> dict[str, Any]:
     """The SamplingParams fields of the decoding strategy, validated."""
-    nrs = _int("num_return_sequences", pick("num_return_sequences"), 1, ">= 1")
-    num_beams = _int("num_beams", pick("num_beams"), 1, ">= 1")
+    nrs = option_range("num_return_sequences").check_int(
+        "num_return_sequences", pick("num_return_sequences")
+    )
+    num_beams = option_range("num_beams").check_int("num_beams", pick("num_beams"))
     length_penalty = _finite("length_penalty", pick("length_penalty"))
     early_stopping = pick("early_stopping")
     if early_stopping not in (True, False, "never"):
@@ -47,11 +49,7 @@ def resolve_strategy(
         )
     max_time = pick("max_time")
     if max_time is not None:
-        max_time = _finite("max_time", max_time)
-        if max_time <= 0:
-            raise ParamValidationError(
-                "max_time", f"`max_time` must be > 0 seconds, got {max_time}"
-            )
+        max_time = option_range("max_time").check_float("max_time", max_time)
     guidance = pick("guidance_scale")
     negative = given.get("negative_prompt_ids")
     if guidance is not None:

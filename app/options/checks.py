@@ -1,7 +1,7 @@
 """Primitive checks for request options; each failure names the field and the allowed range.
 
-No torch import: shared by sampling_params.py and logits_options.py (the HTTP side maps
-ParamValidationError to a 422).
+No torch import. `ParamValidationError` is what every resolve stage raises; the HTTP side
+maps it to a 422 (app/api/errors.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ class ParamValidationError(ValueError):
         super().__init__(message)
         self.field = field
         self.message = message
+
+    def renamed(self, alias: str) -> ParamValidationError:
+        """The same error, naming the field as the caller named it."""
+        message = self.message.replace(f"`{self.field}`", f"`{alias}`")
+        if alias not in message:
+            message = f"`{alias}`: {message}"
+        return ParamValidationError(alias, message)
 
 
 def is_int(value: Any) -> bool:

@@ -4,7 +4,8 @@
 Prompt lookup: prompt_lookup_num_tokens, max_matching_ngram_size. Draft model (class E,
 served when the server has --draft-model; the HTTP layer refuses them otherwise):
 num_assistant_tokens, num_assistant_tokens_schedule, assistant_confidence_threshold, with
-transformers' defaults (20, "constant", 0.4), and options accepted with no effect here:
+transformers' defaults (20, "constant", 0.4: the registry's), and options accepted with no
+effect here:
 assistant_lookbehind / target_lookbehind (they align two different tokenizers; the draft
 shares the target's), assistant_early_exit and speculation_type (the configured draft model
 drafts), is_assistant (transformers' internal flag).
@@ -15,20 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from app.engine.validation import ParamValidationError
-from app.engine.validation import bool_ as _bool
-from app.engine.validation import finite as _finite
-from app.engine.validation import int_ as _int
+from app.options.checks import ParamValidationError
+from app.options.checks import bool_ as _bool
+from app.options.registry import ASSISTANT_SCHEDULES, option_range
 
 # GenerationConfig's fallback when max_matching_ngram_size is unset (generation/utils.py).
 DEFAULT_MAX_MATCHING_NGRAM_SIZE = 2
-# GenerationConfig._get_default_generation_params() for the draft-model options.
-ASSISTANT_DEFAULTS: dict[str, Any] = {
-    "num_assistant_tokens": 20,
-    "num_assistant_tokens_schedule": "constant",
-    "assistant_confidence_threshold": 0.4,
-}
-SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 NO_EFFECT_INPUTS = frozenset(
     {"assistant_lookbehind", "target_lookbehind", "assistant_early_exit", "is_assistant",
      "speculation_type"}
@@ -36,11 +29,9 @@ NO_EFFECT_INPUTS = frozenset(
 
 
 def _check_no_effect(given: dict[str, Any]) -> None:
-    for name in ("assistant_lookbehind", "target_lookbehind"):
+    for name in ("assistant_lookbehind", "target_lookbehind", "assistant_early_exit"):
         if name in given:
-            _int(name, given[name], 0, ">= 0")
-    if "assistant_early_exit" in given:
-        _int("assistant_early_exit", given["assistant_early_exit"], 1, ">= 1")
+            option_range(name).check_int(name, given[name])
     if "is_assistant" in given:
         _bool("is_assistant", given["is_assistant"])
     if "speculation_type" in given and given["speculation_type"] != "dflash":
@@ -54,29 +45,23 @@ def resolve_speculative(pick: Callable[[str], Any], given: dict[str, Any]) -> di
     """The SamplingParams fields of speculative decoding, validated."""
     num = pick("prompt_lookup_num_tokens")
     if num is not None:
-        num = _int("prompt_lookup_num_tokens", num, 1, ">= 1")
+        num = option_range("prompt_lookup_num_tokens").check_int("prompt_lookup_num_tokens", num)
     ngram = pick("max_matching_ngram_size")
     if ngram is not None:
-        ngram = _int("max_matching_ngram_size", ngram, 1, ">= 1")
-
-    def value(name: str) -> Any:
-        v = pick(name)
-        return ASSISTANT_DEFAULTS[name] if v is None else v
-
-    assistant = _int("num_assistant_tokens", value("num_assistant_tokens"), 1, ">= 1")
-    schedule = value("num_assistant_tokens_schedule")
-    if schedule not in SCHEDULES:
+        ngram = option_range("max_matching_ngram_size").check_int("max_matching_ngram_size", ngram)
+    assistant = option_range("num_assistant_tokens").check_int(
+        "num_assistant_tokens", pick("num_assistant_tokens")
+    )
+    schedule = pick("num_assistant_tokens_schedule")
+    if schedule not in ASSISTANT_SCHEDULES:
         raise ParamValidationError(
             "num_assistant_tokens_schedule",
-            f"`num_assistant_tokens_schedule` must be one of {', '.join(SCHEDULES)}, "
+            f"`num_assistant_tokens_schedule` must be one of {', '.join(ASSISTANT_SCHEDULES)}, "
             f"got {schedule!r}",
         )
-    threshold = _finite("assistant_confidence_threshold", value("assistant_confidence_threshold"))
-    if not 0.0 <= threshold < 1.0:
-        raise ParamValidationError(
-            "assistant_confidence_threshold",
-            f"`assistant_confidence_threshold` must be in [0, 1), got {threshold}",
-        )
+    threshold = option_range("assistant_confidence_threshold").check_float(
+        "assistant_confidence_threshold", pick("assistant_confidence_threshold")
+    )
     _check_no_effect(given)
     return {
         "prompt_lookup_num_tokens": num,
