@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     max_waiting_requests: int = Field(
         default=1024, ge=1, description="Waiting-queue bound; past it requests get 429."
     )
+    max_request_sequences: int = Field(
+        default=1024,
+        ge=1,
+        description="Most sequences one HTTP request may ask for: prompts x the sequences "
+        "each runs (n / best_of / num_beams, + 1 for guidance); past it a 422 naming `prompt`. "
+        "The prompt count is checked before any prompt is tokenized.",
+    )
     api_key: SecretStr | None = Field(
         default=None, description="If set, requests need `Authorization: Bearer <key>`."
     )

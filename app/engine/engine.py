@@ -21,7 +21,7 @@ import torch
 from app.engine.beam_search import BeamSearch, prepare_generation
 from app.engine.core.kv_cache_manager import KVCacheManager
 from app.engine.core.request import FinishReason, Request, Sequence
-from app.engine.core.scheduler import Scheduler, SchedulerConfig
+from app.engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from app.engine.grammar import ConstraintFactory
 from app.engine.lanes.class_b.options import ClassBParams
 from app.engine.lanes.class_b.runner import ClassBRun, rows_error
@@ -255,16 +255,17 @@ class LLMEngine:
         for observe in self.step_observers:
             observe(len(sched.seqs))
         sampling = [item for item in sched.seqs if item.sample]
+        failed: dict[str, Exception] = {}
         try:
-            logits = self.runner.execute(sched)
-            if self.draft is not None:
-                self.draft.mirror(sched)  # the draft's KV follows the target's, slot for slot
-        except Exception as err:  # a broken forward fails the requests in it, not the engine
-            logger.exception("forward failed")
-            return self._fail({item.request_id: err for item in sched.seqs})
+            logits = self._forward(sched)
+        except Exception:  # find the request that broke it: the others go on
+            logger.exception("batched forward failed: retrying its requests one at a time")
+            logits, failed = self._forward_isolated(sched, sampling)
+            sampling = [item for item in sampling if item.request_id not in failed]
+        failures = self._fail(failed) if failed else []  # before the scheduler advances
+        failed = {}
         self.scheduler.update_from_output(sched)
         outputs: dict[str, RequestOutput] = {}
-        failed: dict[str, Exception] = {}
         # Rows of `logits` per request, in the order of the request's sequences (an item
         # with drafts has more rows: this is its first, the rest are verified below).
         groups: dict[str, dict[int, int]] = {}
@@ -293,7 +294,46 @@ class LLMEngine:
                 failed[state.request.request_id] = err
         self.spec.verify(sampling, logits, outputs, failed)
         self.spec.propose(sampling)
-        return list(outputs.values()) + (self._fail(failed) if failed else [])
+        return list(outputs.values()) + failures + (self._fail(failed) if failed else [])
+
+    def _forward(self, sched: SchedulerOutput) -> torch.Tensor:
+        logits = self.runner.execute(sched)
+        if self.draft is not None:
+            self.draft.mirror(sched)  # the draft's KV follows the target's, slot for slot
+        return logits
+
+    def _forward_isolated(
+        self, sched: SchedulerOutput, sampling: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, dict[str, Exception]]:
+        """The step's forward again, one request at a time: a request whose forward raises
+        fails alone (with its own error), the others get their logits rows as before.
+        Re-running a chunk rewrites the same KV slots, so the failed batched run left nothing
+        behind; copy-on-write copies run once, with the first request."""
+        groups: dict[str, list[ScheduledSeq]] = {}
+        for item in sched.seqs:
+            groups.setdefault(item.request_id, []).append(item)
+        rows: dict[int, torch.Tensor] = {}  # id(item) -> its logits rows
+        failed: dict[str, Exception] = {}
+        copies = sched.cow_copies
+        for request_id, items in groups.items():
+            tokens = sum(len(item.token_ids) for item in items)
+            alone = SchedulerOutput(seqs=items, cow_copies=copies, num_batched_tokens=tokens)
+            copies = []
+            try:
+                logits = self._forward(alone)
+            except Exception as err:
+                logger.exception("request %s failed in the forward", request_id)
+                failed[request_id] = err
+                continue
+            row = 0
+            for item in (i for i in items if i.sample):
+                n = 1 + len(item.draft_token_ids)
+                rows[id(item)] = logits[row : row + n]
+                row += n
+        kept = [rows[id(item)] for item in sampling if item.request_id not in failed]
+        if not kept:
+            return torch.empty(0), failed
+        return torch.cat(kept), failed
 
     def _advance(
         self,

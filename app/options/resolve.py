@@ -239,7 +239,7 @@ def resolve_request(
 
     `encode`: text -> token ids without special tokens (bad_words, force_words,
     negative_prompt). `exact_lane`: the caller serves output_attentions / output_hidden_states
-    (app/api/exact_lane.py); elsewhere they are refused."""
+    (app/engine/lanes/exact.py); elsewhere they are refused."""
     split = split_options(options, draft_model=limits.draft_model)
     if split.exact and not exact_lane:
         name = split.exact[0]
@@ -274,6 +274,8 @@ def resolve_request(
         if negative is not None and exc.field == "negative_prompt_ids":
             raise exc.renamed("negative_prompt") from exc  # named as the caller sent it
         raise
+    check_negative_branch(params, prompt_len, limits, "negative_prompt" if negative else None)
+    check_something_to_sample(params, limits.vocab_size)
     if not split.class_b:
         return params
     params = resolve_class_b(
@@ -288,3 +290,46 @@ def resolve_request(
             split.exact[0], f"`{split.exact[0]}` is not served with a class-B decoding method"
         )
     return params
+
+
+def check_negative_branch(
+    params: SamplingParams, prompt_len: int, limits: ModelLimits, named: str | None
+) -> None:
+    """Guidance runs a second sequence, the negative prompt followed by every generated
+    token: it must fit the model's positions as the prompt's sequence does (priced here, so
+    the batched forward never meets a position past the model's)."""
+    negative = params.negative_prompt_ids
+    if params.guidance_scale is None or not negative:
+        return
+    new_tokens = params.stop_length(prompt_len) - prompt_len
+    needed = len(negative) + new_tokens
+    if needed > limits.max_total_tokens:
+        field = named or "negative_prompt_ids"
+        raise ParamValidationError(
+            field,
+            f"`{field}` has {len(negative)} tokens; with up to {new_tokens} new tokens the "
+            f"guidance branch needs {needed} positions, over the limit of "
+            f"{limits.max_total_tokens} (prompt + new tokens)",
+        )
+
+
+def check_something_to_sample(params: SamplingParams, vocab_size: int) -> None:
+    """Sampling needs at least one token left: `generate` raises ("probability tensor
+    contains either inf, nan or element < 0") when every token is banned. Detectable here
+    for the token lists (a grammar's dead ends are the sampler's to report)."""
+    if not params.do_sample:
+        return  # greedy takes the argmax of an all -inf row, as generate does
+    banned: set[int] = set()
+    for name, tokens in (
+        ("suppress_tokens", params.suppress_tokens or ()),
+        ("bad_words_ids", [w[0] for w in params.bad_words_ids or () if len(w) == 1]),
+        ("begin_suppress_tokens", params.begin_suppress_tokens or ()),
+    ):
+        banned |= {t for t in tokens if 0 <= t < vocab_size}
+        if len(banned) >= vocab_size:  # the field that completed the ban is named
+            raise ParamValidationError(
+                name,
+                f"`{name}` (with the tokens banned before it: suppress_tokens, single-token "
+                f"bad_words_ids) bans every one of the {vocab_size} tokens: nothing is left "
+                "to sample",
+            )

@@ -188,6 +188,11 @@ CASES: dict[str, Callable[[Endpoint], Expect | None]] = {
     "prompt of the wrong type": case_prompt_wrong_type,
     "options not an object": case_options_not_an_object,
     "unknown option": case_unknown_option,
+    # guidance's second sequence must fit the model too (was: a 500 for the whole batch)
+    "negative prompt ids past the context": numeric(
+        "negative_prompt_ids", [5] * 1020, guidance_scale=2.0
+    ),
+    "negative prompt past the context": numeric("negative_prompt", LONG_PROMPT, guidance_scale=2),
 }
 
 

@@ -171,6 +171,19 @@ class Injector:
 
     def install(self, stage: str) -> None:
         engine = self.engine
+        if stage == "forward":  # the batched forward fails; the engine must retry per request
+            execute = engine.runner.execute
+
+            def faulty_execute(sched: Any) -> Any:
+                for item in sched.seqs:
+                    request = engine.scheduler.requests.get(item.request_id)
+                    seqs = request.seqs if request is not None else []
+                    if any(s.seq_id == item.seq_id and self.due(s.token_ids) for s in seqs):
+                        self.fire(stage)
+                return execute(sched)
+
+            self.monkeypatch.setattr(engine.runner, "execute", faulty_execute)
+            return
         if stage == "sampler":  # the batched call fails; the engine must retry per request
             sample = engine.sampler.sample
 
@@ -257,7 +270,7 @@ def assert_clear_error(outcome: Outcome, stage: str) -> None:
     assert "Traceback" not in str(outcome.body) and 'File "' not in str(outcome.body)
 
 
-@pytest.mark.parametrize("stage", ["sampler", "detokenizer", "stop check", "beam step"])
+@pytest.mark.parametrize("stage", ["forward", "sampler", "detokenizer", "stop check", "beam step"])
 def test_request_failing_in_the_engine_fails_alone(
     fault_server: LiveServer, monkeypatch: pytest.MonkeyPatch, stage: str
 ) -> None:

@@ -30,6 +30,7 @@ def test_info_reports_model_and_limits(client: httpx.Client) -> None:
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["linear_backend"] in ("aten", "mkldnn")
     assert info["generate_matches_transformers"] == MATCHED_TRANSFORMERS
+    assert info["max_request_sequences"] == 1024
     assert info["transformers_version"] == transformers.__version__
 
 

@@ -159,3 +159,9 @@ def test_bad_input_is_422_naming_the_field(
     assert r.status_code == 422, r.text
     err = r.json()
     assert err["field"] == field and field in err["error"] and says in err["error"], err
+
+
+def test_booleans_are_not_token_ids(client: httpx.Client) -> None:
+    """JSON true/false are not ids (pydantic's lax mode read them as 1/0; schemathesis)."""
+    r = client.post("/watermark/detect", json={"input_ids": [False, True]})
+    assert r.status_code == 422, r.text

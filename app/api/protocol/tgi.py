@@ -276,6 +276,9 @@ class InfoResponse(BaseModel):
     max_num_seqs: int
     max_num_batched_tokens: int
     max_waiting_requests: int
+    max_request_sequences: int = Field(
+        description="Most sequences one request may ask for (prompts x n / best_of / beams)."
+    )
     kv_cache: KVCacheInfo
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 # torch.Generator.manual_seed's inclusive range (WatermarkLogitsProcessor seeds with the key).
 HASHING_KEY_MIN, HASHING_KEY_MAX = -(2**63), 2**64 - 1
@@ -80,7 +80,7 @@ class WatermarkDetectRequest(BaseModel):
         description="Text (or texts) to score, tokenized as prompts are (no special tokens). "
         "Give the generated part only: a prompt dilutes the score.",
     )
-    input_ids: list[int] | list[list[int]] | None = Field(
+    input_ids: list[StrictInt] | list[list[StrictInt]] | None = Field(
         default=None,
         description="Token ids (or a list of id sequences) instead of `inputs`: exact, "
         "where re-tokenizing text may not give back the generated ids.",

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import APIError
 from app.api.option_routing import exact_outputs
@@ -114,7 +115,7 @@ def check_model(state: ServerState, model: str | None) -> None:
 
 
 def prompt_list(state: ServerState, prompt: Any) -> list[tuple[list[int], str, str]]:
-    """(ids, text, field) per prompt, validated."""
+    """(ids, text, field) per prompt, validated; the count is priced before any encoding."""
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif not prompt:
@@ -123,6 +124,7 @@ def prompt_list(state: ServerState, prompt: Any) -> list[tuple[list[int], str, s
         items = [prompt]
     else:
         items = list(prompt)
+    check_request_sequences(state, len(items))
     out = []
     for i, item in enumerate(items):
         field = "prompt" if len(items) == 1 else f"prompt.{i}"
@@ -135,6 +137,26 @@ def prompt_list(state: ServerState, prompt: Any) -> list[tuple[list[int], str, s
             text = state.tokenizer.decode(ids)
         out.append((ids, text, field))
     return out
+
+
+def check_request_sequences(state: ServerState, total: int) -> None:
+    """One request's sequences (prompts x per-prompt sequences) against the setting."""
+    cap = state.settings.max_request_sequences
+    if total > cap:
+        raise APIError(
+            422,
+            f"`prompt` asks for {total} sequences (prompts x n / best_of / num_beams); at most "
+            f"{cap} per request (--max-request-sequences): send fewer prompts or sequences",
+            field="prompt",
+        )
+
+
+def sequences_of(params: SamplingParams | None) -> int:
+    """The sequences one prompt's request runs (echo-only prompts run none)."""
+    if params is None:
+        return 0
+    guidance = 1 if params.guidance_scale is not None else 0
+    return max(params.num_beams, params.num_return_sequences) + guidance
 
 
 async def gather_all(coros: list[Any]) -> list[Any]:
@@ -308,7 +330,7 @@ async def completions(
     (the `openai` package's `extra_body`)."""
     check_model(state, body.model)
     options, renames, n = completion_options(body)
-    prompts = prompt_list(state, body.prompt)
+    prompts = await run_in_threadpool(prompt_list, state, body.prompt)  # off the event loop
     exact = exact_outputs(options)  # output_attentions / output_hidden_states: exact lane
     if exact and len(prompts) > 1:
         raise APIError(422, f"`{exact[0]}` serves one prompt per request", field=exact[0])
@@ -334,6 +356,7 @@ async def completions(
                 check_diagnostics_cap(state, len(ids), params, exact)
         ctx = RequestContext(request.url.path, request_id, body.user, text)
         jobs.append(Job(ids, text, params, ctx))
+    check_request_sequences(state, sum(sequences_of(j.params) for j in jobs))
     builder = Builder(state, body, jobs, n)
     if any(j.params is not None for j in jobs):
         admit(state)
