@@ -118,7 +118,7 @@ def admit(state: ServerState) -> None:
 def engine_error(out: RequestOutput, produced_tokens: bool) -> APIError:
     message = out.error or "unknown error"
     if out.error_kind == "invalid_request" and not produced_tokens:
-        return APIError(422, message.split(": ", 1)[-1], "validation")
+        return APIError(422, message.split(": ", 1)[-1], "validation", out.error_field)
     return APIError(500, f"generation failed: {message}", "generation")
 
 

@@ -228,10 +228,10 @@ class LLMEngine:
             try:
                 seqs = run.step()
             except LaneRequestError as err:  # the request's options: a 422, not a failure
-                message, kind = f"{type(err).__name__}: {err}", "invalid_request"
+                message, kind, field = f"{type(err).__name__}: {err}", "invalid_request", err.field
             except Exception as err:  # reported like a failed engine request (500)
                 logger.exception("request %s failed", request_id)
-                message, kind = f"{type(err).__name__}: {err}", "internal"
+                message, kind, field = f"{type(err).__name__}: {err}", "internal", None
             else:
                 if run.finished:
                     del self._lanes[request_id]
@@ -241,7 +241,9 @@ class LLMEngine:
                     outputs.append(out)
                 continue
             del self._lanes[request_id]
-            outputs.append(RequestOutput(request_id, run.prompt, [], True, message, kind))
+            failure = RequestOutput(request_id, run.prompt, [], True, message, kind)
+            failure.error_field = field
+            outputs.append(failure)
         return outputs
 
     def _step_batch(self) -> list[RequestOutput]:

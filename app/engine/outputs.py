@@ -57,6 +57,7 @@ class RequestOutput:
     error: str | None = None
     # "invalid_request": the request could not be admitted (the caller's input); "internal".
     error_kind: str | None = None
+    error_field: str | None = None  # the request field an invalid_request error is about
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     # The exact lane's diagnostic tensors as nested lists ("attentions", "hidden_states").

@@ -21,6 +21,10 @@ from app.engine.sampling_params import SamplingParams
 class LaneRequestError(ValueError):
     """The request's options fail when its method starts (the caller's input: a 422)."""
 
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field  # the request field the error is about, when one is
+
 
 @dataclass
 class LaneContext:

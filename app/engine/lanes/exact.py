@@ -106,7 +106,7 @@ class ExactRun:
                     **kwargs,
                 )
         except (ValueError, TypeError) as err:  # generate refused the option combination
-            raise LaneRequestError(f"the exact lane failed: {err}") from err
+            raise LaneRequestError(f"the exact lane failed: {err}", self.asked[0]) from err
         self.finished = True
         self.diagnostics = {}
         if attentions:
