@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     max_waiting_requests: int = Field(
         default=1024, ge=1, description="Waiting-queue bound; past it requests get 429."
     )
+    max_constraint_work: int = Field(
+        default=2048,
+        ge=1,
+        description="Most constraint tokens x num_beams one constrained beam search "
+        "(force_words_ids / force_words / constraints) may ask for; past it a 422 naming the "
+        "field. Its work per step grows with both.",
+    )
     max_request_sequences: int = Field(
         default=1024,
         ge=1,

@@ -158,6 +158,7 @@ def info_dict(state: ServerState) -> dict[str, Any]:
         "max_num_batched_tokens": state.settings.max_num_batched_tokens,
         "max_waiting_requests": state.settings.max_waiting_requests,
         "max_request_sequences": state.settings.max_request_sequences,
+        "max_constraint_work": state.settings.max_constraint_work,
         "kv_cache": {
             "num_blocks": engine.kv.num_blocks,
             "block_size": engine.kv.block_size,

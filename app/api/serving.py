@@ -85,6 +85,7 @@ def build_params(
         vocab_size=int(config.vocab_size),
         num_layers=int(config.n_layer),
         draft_model=state.settings.draft_model is not None,
+        max_constraint_work=state.settings.max_constraint_work,
     )
     try:
         params = resolve_request(

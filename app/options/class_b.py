@@ -204,6 +204,34 @@ def _check(method: str, opts: dict[str, Any], p: SamplingParams, vocab: int | No
             fail("do_sample", "constrained beam search needs do_sample=false")
 
 
+def constraint_tokens(constraints: list[dict[str, Any]]) -> int:
+    """Every token id the constraints list: each phrase's, each alternative's."""
+    total = 0
+    for c in constraints:
+        if c["type"] == "phrasal":
+            total += len(c["token_ids"])
+        else:
+            total += sum(len(ids) for ids in c["nested_token_ids"])
+    return total
+
+
+def _check_constraint_work(
+    field: str, constraints: list[dict[str, Any]], num_beams: int, limit: int | None
+) -> None:
+    """Constrained beam search tracks every beam's progress through every constraint each
+    step: its work grows with constraint tokens x beams (50 words x 50 alternatives x 5 tokens
+    with 4 beams took 11 GB and minutes; 30 single tokens with 256 beams, over 300 s)."""
+    if limit is None:
+        return
+    work = constraint_tokens(constraints) * num_beams
+    if work > limit:
+        raise ParamValidationError(
+            field,
+            f"`{field}` asks for {constraint_tokens(constraints)} constraint tokens x "
+            f"{num_beams} beams = {work}; at most {limit} (--max-constraint-work)",
+        )
+
+
 def resolve_class_b(
     options: Mapping[str, Any],
     params: SamplingParams,
@@ -211,8 +239,11 @@ def resolve_class_b(
     num_layers: int,
     vocab_size: int | None = None,
     encode: Callable[[str], list[int]] | None = None,
+    max_constraint_work: int | None = None,
 ) -> SamplingParams:
-    """`params` itself when no class-B method is asked for, else a validated ClassBParams."""
+    """`params` itself when no class-B method is asked for, else a validated ClassBParams.
+    `max_constraint_work`: the most constraint tokens x beams a constrained beam search may
+    take (None: no limit)."""
     given = {k: v for k, v in options.items() if v is not None}
     unknown = set(given) - set(CLASS_B_OPTIONS)
     if unknown:
@@ -249,6 +280,8 @@ def resolve_class_b(
         )
     method = methods[0]
     _check(method, opts, params, vocab_size)
+    if method == CONSTRAINED:
+        _check_constraint_work(opts["field"], constraints, params.num_beams, max_constraint_work)
     for name in ("grammar", "allowed_token_ids"):  # token constraints of the batched engine
         if getattr(params, name, None) is not None:
             raise ParamValidationError(

@@ -223,6 +223,7 @@ class ModelLimits:
     vocab_size: int
     num_layers: int  # DoLa's layer indices
     draft_model: bool = False  # assisted-decoding options are served
+    max_constraint_work: int | None = None  # constraint tokens x beams (None: no limit)
 
 
 def resolve_request(
@@ -284,6 +285,7 @@ def resolve_request(
         num_layers=limits.num_layers,
         vocab_size=limits.vocab_size,
         encode=encode,
+        max_constraint_work=limits.max_constraint_work,
     )
     if split.exact and isinstance(params, ClassBParams):
         raise ParamValidationError(

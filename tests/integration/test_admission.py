@@ -90,3 +90,30 @@ def test_sampling_with_every_token_banned_is_a_422(
     assert (
         client.post("/generate", json={"inputs": "국민", "parameters": greedy}).status_code == 200
     )
+
+
+def words(count: int, alternatives: int, length: int) -> list[list[list[int]]]:
+    """`count` one-of words of `alternatives` distinct `length`-token alternatives."""
+    return [
+        [[10 + w, 100 + a, *range(200, 200 + length - 2)] for a in range(alternatives)]
+        for w in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("force_words_ids", "num_beams"),
+    [(words(50, 50, 5), 4), (words(25, 40, 5), 2), ([[t] for t in range(20, 50)], 256)],
+    ids=["50x50x5-4-beams", "25x40x5-2-beams", "30-tokens-256-beams"],
+)
+def test_constrained_beam_work_is_priced(
+    client: httpx.Client, force_words_ids: list[Any], num_beams: int
+) -> None:
+    """Each held the engine for minutes (11 GB for the first); now a 422 naming the field."""
+    parameters = {"max_new_tokens": 4, "num_beams": num_beams, "force_words_ids": force_words_ids}
+    r = client.post("/generate", json={"inputs": "국민", "parameters": parameters})
+    assert r.status_code == 422, r.text
+    assert error(r)["field"] == "force_words_ids"
+    assert "--max-constraint-work" in error(r)["error"]
+    small = {"max_new_tokens": 4, "num_beams": 2, "force_words_ids": words(2, 2, 3)}
+    assert client.post("/generate", json={"inputs": "국민", "parameters": small}).status_code == 200
+    assert client.post("/generate", json=CANARY).status_code == 200

@@ -279,6 +279,9 @@ class InfoResponse(BaseModel):
     max_request_sequences: int = Field(
         description="Most sequences one request may ask for (prompts x n / best_of / beams)."
     )
+    max_constraint_work: int = Field(
+        description="Most constraint tokens x num_beams one constrained beam search may take."
+    )
     kv_cache: KVCacheInfo
 
 
