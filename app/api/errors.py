@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine.core.scheduler import SchedulerCapacityError
-from app.engine.sampling_params import ParamValidationError
+from app.options.checks import ParamValidationError
 
 logger = logging.getLogger("kogpt.api")
 

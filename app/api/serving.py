@@ -22,7 +22,8 @@ from app.engine.async_engine import EngineNotRunningError, EngineQueueFullError
 from app.engine.core.request import FinishReason
 from app.engine.lanes.exact import float_counts
 from app.engine.outputs import GeneratedToken, RequestOutput, SequenceOutput
-from app.engine.sampling_params import ParamValidationError, SamplingParams
+from app.options.checks import ParamValidationError
+from app.options.params import SamplingParams
 from app.options.resolve import ModelLimits, resolve_request
 from app.state import ServerState
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from app.engine.engine import LLMEngine
 from app.engine.outputs import RequestOutput
-from app.engine.sampling_params import SamplingParams
+from app.options.params import SamplingParams
 
 logger = logging.getLogger("kogpt.engine")
 

@@ -23,7 +23,6 @@ from app.engine.core.kv_cache_manager import KVCacheManager
 from app.engine.core.request import FinishReason, Request, Sequence
 from app.engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from app.engine.grammar import ConstraintFactory
-from app.engine.lanes.class_b.options import ClassBParams
 from app.engine.lanes.class_b.runner import ClassBRun, rows_error
 from app.engine.lanes.context import LaneContext, LaneRequestError, LaneRun
 from app.engine.lanes.exact import ExactRun
@@ -34,12 +33,13 @@ from app.engine.request_state import RequestState, SequenceState
 from app.engine.sample.group_sampling import sample_groups
 from app.engine.sample.row import make_generator
 from app.engine.sample.sampler import Sampler
-from app.engine.sampling_params import SamplingParams
 from app.engine.spec.decoder import SpecContext, SpecDecoder, first_logits_rows
 from app.engine.spec.draft_model import DraftModel
 from app.engine.stop import token_bytes_table
 from app.modeling.linear import LinearBackend, Quantize
 from app.modeling.native import NativeKernels
+from app.options.class_b import ClassBParams
+from app.options.params import SamplingParams
 
 logger = logging.getLogger("kogpt.engine")
 

@@ -29,8 +29,8 @@ import llguidance.hf
 import numpy as np
 
 from app.engine.core.request import FinishReason
-from app.engine.sampling_params import SamplingParams
 from app.options.constraints import GrammarSpec
+from app.options.params import SamplingParams
 
 
 class GrammarError(RuntimeError):

@@ -22,8 +22,8 @@ import torch
 from app.engine.core.request import FinishReason
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.outputs import GeneratedToken, SequenceOutput
-from app.engine.sampling_params import SamplingParams
 from app.engine.stop import StopChecker, StopStringTextFilter
+from app.options.params import SamplingParams
 
 
 class SequenceText:

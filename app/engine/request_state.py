@@ -11,7 +11,7 @@ from app.engine.beam_search import BeamSearch
 from app.engine.core.request import Request, Sequence
 from app.engine.grammar import TokenConstraint
 from app.engine.output_processor import OutputProcessor, SequenceText
-from app.engine.sampling_params import SamplingParams
+from app.options.params import SamplingParams
 
 
 @dataclass

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from app.engine.core.request import FinishReason
-from app.engine.sampling_params import SamplingParams
+from app.options.params import SamplingParams
 
 __all__ = ["FinishReason", "StopChecker", "StopStringTextFilter", "token_bytes_table"]
 

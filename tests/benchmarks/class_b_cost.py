@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from app.engine.lanes.class_b.options import CLASS_B_OPTIONS, ClassBParams, resolve_class_b
 from app.engine.lanes.class_b.runner import run_method
-from app.engine.sampling_params import resolve_sampling_params
 from app.modeling.loader import load_model
+from app.options.class_b import CLASS_B_OPTIONS, ClassBParams, resolve_class_b
+from app.options.resolve import resolve_sampling_params
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고"

@@ -28,10 +28,10 @@ import torch
 from transformers import GenerationConfig, GPT2LMHeadModel
 
 from app.engine.engine import EngineConfig, LLMEngine
-from app.engine.sampling_params import SamplingParams
 from app.modeling.linear import LinearBackend, Quantize, build_linears
 from app.modeling.loader import load_model
 from app.modeling.native import NativeKernels
+from app.options.params import SamplingParams
 from tests.benchmarks.linear_micro import block_matmuls
 
 ROOT = Path(__file__).resolve().parents[2]

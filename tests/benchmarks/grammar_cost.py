@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from app.engine.engine import EngineConfig, LLMEngine
-from app.engine.sampling_params import resolve_sampling_params
 from app.modeling.loader import load_model
+from app.options.resolve import resolve_sampling_params
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["대한민국은", "모든 국민은", "국회는", "대통령은", "법률이 정하는 바에 의하여", "헌법"]

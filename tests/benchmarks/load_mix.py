@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from app.engine.engine import LLMEngine
-from app.engine.sampling_params import SamplingParams, resolve_sampling_params
 from app.modeling.loader import LoadedModel
+from app.options.params import SamplingParams
+from app.options.resolve import resolve_sampling_params
 
 
 @dataclass(frozen=True)

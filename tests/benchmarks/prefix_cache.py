@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from app.engine.engine import EngineConfig, LLMEngine
-from app.engine.sampling_params import SamplingParams
 from app.modeling.loader import load_model
+from app.options.params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
 

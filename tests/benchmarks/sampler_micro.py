@@ -32,7 +32,7 @@ from app.engine.core.request import Request, Sequence
 from app.engine.sample.group_sampling import sample_groups
 from app.engine.sample.row import SamplingRow
 from app.engine.sample.sampler import Sampler
-from app.engine.sampling_params import SamplingParams
+from app.options.params import SamplingParams
 
 OPTIONS: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.9}
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from app.engine.engine import EngineConfig, LLMEngine
-from app.engine.sampling_params import SamplingParams
 from app.modeling.loader import DEFAULT_MODEL_DIR, LoadedModel, load_model
+from app.options.params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTS = ["제10조 모든 국민은", "제1조 ① 대한민국은", "국회는 국민의", "대통령은 법률이 정하는"]

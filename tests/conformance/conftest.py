@@ -9,8 +9,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from app.engine.engine import EngineConfig, LLMEngine
-from app.engine.sampling_params import resolve_sampling_params
 from app.modeling.loader import DEFAULT_MODEL_DIR, LoadedModel, load_model
+from app.options.resolve import resolve_sampling_params
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,12 @@ from app.config import Settings
 from app.engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.model_runner import ModelRunner
-from app.engine.sampling_params import resolve_sampling_params
 from app.modeling.attention_metadata import SeqChunk, build_step_input
 from app.modeling.gpt2 import PagedGPT2
 from app.modeling.kv_cache import KVCache
 from app.modeling.kv_sizing import KVSizingError, resolve_kv_sizing
 from app.modeling.loader import DEFAULT_MODEL_DIR, load_model
+from app.options.resolve import resolve_sampling_params
 from app.state import build_state
 
 pytestmark = [

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from app.api.serving import build_params
-from app.engine.lanes.class_b.options import ClassBParams
 from app.engine.lanes.class_b.runner import run_method
+from app.options.class_b import ClassBParams
 from tests.integration.conftest import LiveServer, sse_events
 
 PROMPT = "대한민국은 민주공화국이다"

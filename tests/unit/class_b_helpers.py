@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.engine.lanes.class_b.options import (
-    CLASS_B_OPTIONS,
-    ClassBOptions,
-    ClassBParams,
-    resolve_class_b,
-)
-from app.engine.sampling_params import resolve_sampling_params
+from app.options.class_b import CLASS_B_OPTIONS, ClassBOptions, ClassBParams, resolve_class_b
+from app.options.resolve import resolve_sampling_params
 
 
 def class_b_params(model: Any, prompt_len: int, **options: Any) -> ClassBParams:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from app.engine.engine import LLMEngine
-from app.engine.sampling_params import resolve_sampling_params
 from app.modeling.loader import DEFAULT_MODEL_DIR, LoadedModel, load_model
+from app.options.resolve import resolve_sampling_params
 from tests.unit.test_engine import make_engine
 
 PROMPTS = ("대한민국은", "모든 국민은 법 앞에 평등하다.", "헌법", "법원은")

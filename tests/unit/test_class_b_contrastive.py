@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from app.engine.lanes.class_b.options import CONTRASTIVE, ClassBOptions
 from app.engine.lanes.class_b.runner import run_method
+from app.options.class_b import CONTRASTIVE, ClassBOptions
 from tests.unit.class_b_helpers import class_b_params, unchecked
 
 PROMPT = [5, 9, 14, 22, 9]

@@ -15,8 +15,8 @@ from transformers import (
 )
 
 from app.engine.lanes.class_b.group_beam import HammingDiversityLogitsProcessor, with_diversity
-from app.engine.lanes.class_b.options import GROUP_BEAM, ClassBOptions
 from app.engine.lanes.class_b.runner import run_method
+from app.options.class_b import GROUP_BEAM, ClassBOptions
 from tests.unit.class_b_helpers import class_b_params, unchecked
 
 PROMPT = [5, 9, 14, 22, 9]

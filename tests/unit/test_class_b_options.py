@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from app.engine.lanes.class_b.options import (
+from app.options.checks import ParamValidationError
+from app.options.class_b import (
     CONSTRAINED,
     CONTRASTIVE,
     DOLA,
@@ -14,7 +15,7 @@ from app.engine.lanes.class_b.options import (
     ClassBParams,
     resolve_class_b,
 )
-from app.engine.sampling_params import ParamValidationError, SamplingParams
+from app.options.params import SamplingParams
 
 VOCAB, LAYERS = 100, 4
 WORDS = {"국민": [7, 8], "법": [9], "자유": [10]}

@@ -21,9 +21,9 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from app.engine.lanes.class_b.options import CLASS_B_OPTIONS, ClassBParams, resolve_class_b
 from app.engine.lanes.class_b.runner import run_method
-from app.engine.sampling_params import resolve_sampling_params
+from app.options.class_b import CLASS_B_OPTIONS, ClassBParams, resolve_class_b
+from app.options.resolve import resolve_sampling_params
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = json.loads((ROOT / "tests/data/class_b_reference.json").read_text(encoding="utf-8"))

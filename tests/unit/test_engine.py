@@ -12,7 +12,7 @@ import torch
 from app.engine.async_engine import AsyncEngine
 from app.engine.core.request import FinishReason
 from app.engine.engine import EngineConfig, LLMEngine
-from app.engine.sampling_params import resolve_sampling_params
+from app.options.resolve import resolve_sampling_params
 
 PROMPTS = ["대한민국은 민주공화국이다", "모든 국민은", "제1조 " * 12, "국회는"]
 OPTIONS: list[dict[str, Any]] = [

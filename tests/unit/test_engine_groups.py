@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.engine.engine import LLMEngine
-from app.engine.sampling_params import resolve_sampling_params
+from app.options.resolve import resolve_sampling_params
 from tests.unit.test_engine import PROMPTS, make_engine
 
 BEAM_CASES: list[dict[str, Any]] = [

@@ -17,10 +17,11 @@ from transformers import AutoTokenizer
 
 from app.engine.core.request import FinishReason
 from app.engine.grammar import ConstraintFactory, GrammarError, TokenConstraint, token_masks
-from app.engine.sampling_params import SamplingParams, resolve_sampling_params
 from app.engine.stop import token_bytes_table
 from app.options.checks import ParamValidationError
 from app.options.constraints import GrammarSpec, parse_grammar, resolve_constraints
+from app.options.params import SamplingParams
+from app.options.resolve import resolve_sampling_params
 
 ROOT = Path(__file__).resolve().parents[2]
 PERSON: dict[str, Any] = {

@@ -21,7 +21,8 @@ import torch
 from app.engine.core.request import FinishReason
 from app.engine.engine import LLMEngine
 from app.engine.grammar import ConstraintFactory, token_masks
-from app.engine.sampling_params import SamplingParams, resolve_sampling_params
+from app.options.params import SamplingParams
+from app.options.resolve import resolve_sampling_params
 from tests.unit.test_engine import PROMPTS, make_engine
 
 EOS, PAD = 1, 3

@@ -23,8 +23,9 @@ from transformers.generation.logits_process import InfNanRemoveLogitsProcessor
 
 from app.engine.sample.row import SamplingRow, make_generator
 from app.engine.sample.sampler import Sampler
-from app.engine.sampling_params import ParamValidationError, resolve_sampling_params
 from app.engine.stop import StopChecker
+from app.options.checks import ParamValidationError
+from app.options.resolve import resolve_sampling_params
 from tests.conftest import PEAKY_EOS, PEAKY_POSITIONS, PEAKY_VOCAB
 from tests.unit.test_engine import make_engine, run_all
 

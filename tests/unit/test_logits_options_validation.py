@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from transformers.generation import WatermarkingConfig
 
-from app.engine.sampling_params import ParamValidationError, resolve_sampling_params
+from app.options.checks import ParamValidationError
+from app.options.resolve import resolve_sampling_params
 
 N_POS, VOCAB, EOS = 128, 300, 1
 

@@ -8,7 +8,7 @@ import torch
 
 from app.engine.sample.row import SamplingRow
 from app.engine.sample.sampler import Sampler
-from app.engine.sampling_params import resolve_sampling_params
+from app.options.resolve import resolve_sampling_params
 from tests.unit.test_engine import make_engine
 
 

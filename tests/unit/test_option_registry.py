@@ -15,11 +15,7 @@ from transformers import GenerationConfig
 
 from app.api.options import OPTION_NAMES
 from app.api.protocol.tgi import GenerateParameters, GenerateRequest
-from app.engine.sampling_params import (
-    ACCEPTED_OPTIONS,
-    ParamValidationError,
-    resolve_sampling_params,
-)
+from app.options.checks import ParamValidationError
 from app.options.docs import markdown
 from app.options.ranges import Range
 from app.options.registry import (
@@ -34,6 +30,7 @@ from app.options.registry import (
     SERVED,
     STATUSES,
 )
+from app.options.resolve import ACCEPTED_OPTIONS, resolve_sampling_params
 from app.options.routing import split_options
 from tests.unit.option_coverage import COVERAGE
 

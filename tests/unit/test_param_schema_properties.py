@@ -30,7 +30,7 @@ from app.api.routes import generate as routes_generate
 from app.api.routes.openai import prompt_list
 from app.api.serving import build_params
 from app.config import Settings
-from app.engine.sampling_params import SamplingParams
+from app.options.params import SamplingParams
 from app.state import ServerState, build_state
 
 TOTAL = 256

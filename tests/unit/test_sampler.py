@@ -13,12 +13,10 @@ from transformers import GPT2LMHeadModel
 from app.engine.core.request import FinishReason
 from app.engine.sample.row import SamplingRow, make_generator
 from app.engine.sample.sampler import Sampler
-from app.engine.sampling_params import (
-    ParamValidationError,
-    SamplingParams,
-    resolve_sampling_params,
-)
 from app.engine.stop import StopChecker
+from app.options.checks import ParamValidationError
+from app.options.params import SamplingParams
+from app.options.resolve import resolve_sampling_params
 from tests.conftest import PEAKY_EOS as EOS
 from tests.conftest import PEAKY_POSITIONS as N_POS
 

@@ -11,9 +11,9 @@ import torch
 
 from app.engine.async_engine import AsyncEngine
 from app.engine.engine import EngineConfig, LLMEngine
-from app.engine.sampling_params import resolve_sampling_params
 from app.engine.step_timing import StepTimer, StepTiming
 from app.metrics import ServerMetrics
+from app.options.resolve import resolve_sampling_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,8 +12,8 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 
 from app.engine.core.request import FinishReason
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.sampling_params import SamplingParams
 from app.engine.stop import StopChecker, StopStringTextFilter, token_bytes_table
+from app.options.params import SamplingParams
 from tests.unit.test_detokenizer import ADDED, build_tokenizer, korean_text
 
 STOP_SETS = [

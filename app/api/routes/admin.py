@@ -19,8 +19,9 @@ from app.api.protocol.tgi import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from app.engine.sampling_params import ParamValidationError, resolve_sampling_params
 from app.metrics import CONTENT_TYPE
+from app.options.checks import ParamValidationError
+from app.options.resolve import resolve_sampling_params
 from app.state import ServerState, get_state, info_dict
 
 router = APIRouter(tags=["operations"])

@@ -42,8 +42,8 @@ from app.api.serving import (
 )
 from app.api.streaming import DONE, SSEResponse, guarded, sse_event
 from app.engine.outputs import GeneratedToken
-from app.engine.sampling_params import SamplingParams
 from app.engine.stop import token_bytes_table
+from app.options.params import SamplingParams
 from app.prompts.chat_template import render_chat_prompt, resolve_template, turn_stop_token_ids
 from app.prompts.encoding import PlainTextError, encode_prompt
 from app.state import ServerState, get_state

@@ -15,7 +15,6 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 
 from app.api.errors import APIError
-from app.api.option_routing import exact_outputs
 from app.api.protocol.tgi import (
     BestOfSequence,
     Details,
@@ -43,7 +42,8 @@ from app.api.serving import (
 )
 from app.api.streaming import SSEResponse, guarded, sse_event
 from app.engine.outputs import GeneratedToken
-from app.engine.sampling_params import SamplingParams
+from app.options.params import SamplingParams
+from app.options.routing import exact_outputs
 from app.state import ServerState, get_state
 
 router = APIRouter(tags=["text-generation (TGI)"])

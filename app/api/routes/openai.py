@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import APIError
-from app.api.option_routing import exact_outputs
 from app.api.protocol.openai import (
     CompletionChoice,
     CompletionChunk,
@@ -51,7 +50,8 @@ from app.api.serving import (
     token_steps,
 )
 from app.api.streaming import DONE, SSEResponse, guarded, sse_event
-from app.engine.sampling_params import SamplingParams
+from app.options.params import SamplingParams
+from app.options.routing import exact_outputs
 from app.state import ServerState, get_state
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])

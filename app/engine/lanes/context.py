@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from app.engine.outputs import SequenceOutput
-from app.engine.sampling_params import SamplingParams
+from app.options.params import SamplingParams
 
 
 class LaneRequestError(ValueError):

@@ -24,7 +24,7 @@ from app.engine.core.request import FinishReason
 from app.engine.lanes.context import LaneContext, LaneRequestError, generate_kwargs
 from app.engine.output_processor import OutputProcessor, chosen_token
 from app.engine.outputs import SequenceOutput
-from app.engine.sampling_params import SamplingParams
+from app.options.params import SamplingParams
 
 DIAGNOSTIC_OUTPUTS = ("output_attentions", "output_hidden_states")
 

@@ -29,7 +29,7 @@ from app.engine.sample.grammar_mask import apply_constraints
 
 if TYPE_CHECKING:
     from app.engine.sample.row import SamplingRow
-    from app.engine.sampling_params import SamplingParams
+    from app.options.params import SamplingParams
 
 # (batch row, its SamplingRow, its options) for every row whose `options` are set.
 Extra = list[tuple[int, "SamplingRow", "SamplingParams"]]

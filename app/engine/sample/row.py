@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from app.engine.sampling_params import SamplingParams
+from app.options.params import SamplingParams
 
 if TYPE_CHECKING:
     from app.engine.grammar import TokenConstraint

@@ -30,11 +30,11 @@ from app.engine.lanes.class_b.constraints import build_constraint
 from app.engine.lanes.class_b.contrastive import contrastive_search
 from app.engine.lanes.class_b.dola import dola_decoding
 from app.engine.lanes.class_b.group_beam import group_beam_search
-from app.engine.lanes.class_b.options import CONSTRAINED, CONTRASTIVE, DOLA, ClassBParams
 from app.engine.lanes.context import LaneContext, LaneRequestError, generate_kwargs
 from app.engine.output_processor import OutputProcessor, SequenceText, chosen_token
 from app.engine.outputs import SequenceOutput
 from app.engine.sample.row import make_generator
+from app.options.class_b import CONSTRAINED, CONTRASTIVE, DOLA, ClassBParams
 
 _END = object()  # the method's iterator is exhausted
 
