@@ -13,6 +13,12 @@
 # mounted in by the NVIDIA Container Toolkit (`docker run --gpus all`, compose device
 # reservations, or the Kubernetes device plugin).
 #
+# Any base with Python 3.11, venv and apt works as PYTHON_IMAGE (only `python3` is assumed, not
+# `python`/`pip`): `make image-check` builds on a Debian bookworm base made with mmdebstrap when
+# no registry is reachable. docker/wheels/ (in the build context, empty in git) is a pip
+# find-links folder offered to every install of the `deps` stage: put the torch wheel there
+# when TORCH_INDEX_URL is out of reach (hashes of the locked packages are checked all the same).
+#
 # Stages: `deps` (venv with torch + the project's locked dependencies; rebuilt only when
 # requirements/runtime.lock or a torch argument changes), `wheel` (the kogpt-serve wheel; rebuilt when
 # app/ changes, seconds) and `runtime` (non-root, the embedded model baked in).
@@ -32,15 +38,20 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:${PATH}
 
-# torch first and alone: the largest layer, keyed only on the torch arguments.
-RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+# torch first and alone: the largest layer, keyed on the torch arguments (BuildKit also on the
+# files in docker/wheels/; podman 4.3's buildah does not look at them: --no-cache after
+# swapping a wheel of the same version there).
+RUN --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
+    python3 -m venv /opt/venv \
+    && pip install --no-cache-dir --find-links /tmp/wheels \
+       "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 WORKDIR /src
 # The runtime dependencies exactly as locked (requirements/runtime.lock, `make lock`): pinned
 # with hashes, torch excluded (it came from its own index above) but its dependencies in.
 COPY requirements/runtime.lock ./
-RUN pip install --no-cache-dir --require-hashes --no-deps -r runtime.lock
+RUN --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
+    pip install --no-cache-dir --find-links /tmp/wheels --require-hashes --no-deps -r runtime.lock
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS wheel
@@ -49,7 +60,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 # The build tools as locked (requirements/build.lock), in a venv of their own.
 COPY requirements/build.lock ./
-RUN python -m venv /opt/build \
+RUN python3 -m venv /opt/build \
     && /opt/build/bin/pip install --no-cache-dir --require-hashes --no-deps -r build.lock
 # `pip wheel .` needs the metadata files (pyproject.toml names README.md as the readme) and
 # the package itself; nothing else of the repository is in the build context.
@@ -99,7 +110,8 @@ COPY --from=deps /opt/venv /opt/venv
 COPY models/kogpt2-mini /opt/kogpt/models/kogpt2-mini
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels \
     pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
-    && kogpt-serve --help > /dev/null
+    && kogpt-serve --help > /dev/null \
+    && python3 -c "import app.main"
 
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without /etc/passwd.
 USER 10001:10001

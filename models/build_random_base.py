@@ -66,6 +66,8 @@ def build(out: Path, seed: int = 0, tokenizer_dir: Path = DEFAULT_TOKENIZER) -> 
         "tokenizer is models/kogpt2-mini's. Made by `python models/build_random_base.py`.\n",
         encoding="utf-8",
     )
+    for path in out.iterdir():  # save_pretrained writes 0600: a container's user reads it too
+        path.chmod(path.stat().st_mode | 0o044)
     return out
 
 
