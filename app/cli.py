@@ -72,7 +72,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
+        **uvicorn_limits(settings),
     )
+
+
+def uvicorn_limits(settings: Settings) -> dict[str, Any]:
+    """The HTTP server's own limits from the settings (the CLI and the tests' servers)."""
+    return {"limit_concurrency": settings.max_connections}
 
 
 def _exit_zero(signum: int, frame: types.FrameType | None) -> None:

@@ -136,6 +136,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=1_048_576, ge=1, description="Largest request body accepted (413 beyond)."
     )
+    body_read_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest a client may take to send its whole request body; past it a 408 "
+        "and the connection is closed (a slow-body client holds no socket for ever).",
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        description="Most concurrent connections and requests the HTTP server serves (uvicorn's "
+        "limit_concurrency); past it a 503 at once.",
+    )
     cors_allow_origins: str | None = Field(
         default=None,
         description="Comma-separated origins allowed by CORS ('*' for any; default: no CORS).",

@@ -215,6 +215,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         ApiMiddleware,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         max_body_bytes=settings.max_body_bytes,
+        body_read_timeout=settings.body_read_timeout_seconds,
         public_probes=settings.public_health_metrics,
         metrics=metrics,
     )

@@ -2,7 +2,8 @@
 disconnects pass through untouched).
 
 In order: request id (X-Request-ID, taken from the client or made up), API key check
-(401, constant-time compare), body size limit (413, before the app reads anything), a lone
+(401, constant-time compare), body size limit (413, before the app reads anything) and a
+body read deadline (408), a lone
 UTF-16 surrogate in the JSON (422, body_checks.py), then the app; afterwards the HTTP
 metrics (count by endpoint and status, latency) and one structured access-log line. Errors
 are rendered in the route's error shape (errors.py).
@@ -10,6 +11,7 @@ are rendered in the route's error shape (errors.py).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -41,10 +43,12 @@ class ApiMiddleware:
         max_body_bytes: int,
         public_probes: bool,
         metrics: Any = None,
+        body_read_timeout: float | None = None,
     ) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.body_read_timeout = body_read_timeout
         self.public = PUBLIC_ALWAYS | (PUBLIC_PROBES if public_probes else frozenset())
         self.metrics = metrics  # set later when the metrics object is created in the lifespan
 
@@ -113,8 +117,15 @@ class ApiMiddleware:
             return too_large, receive
         chunks: list[bytes] = []
         size = 0
+        deadline = (
+            None if self.body_read_timeout is None else time.monotonic() + self.body_read_timeout
+        )
         while True:
-            message = await receive()
+            try:
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+                message = await asyncio.wait_for(receive(), remaining)
+            except TimeoutError:
+                return self._too_slow(), receive
             if message["type"] != "http.request":  # disconnected while sending the body
                 return None, _replay([message], receive)
             body = message.get("body", b"")
@@ -131,6 +142,14 @@ class ApiMiddleware:
         replay = {"type": "http.request", "body": whole, "more_body": False}
         return None, _replay([replay], receive)
 
+    def _too_slow(self) -> APIError:
+        return APIError(
+            408,
+            f"the request body did not arrive within {self.body_read_timeout:g} s "
+            "(--body-read-timeout-seconds)",
+            "timeout",
+        )
+
     @staticmethod
     async def _reject(err: APIError, path: str, send: Send) -> None:
         body = error_bytes(err, path)
@@ -139,7 +158,7 @@ class ApiMiddleware:
             (b"content-length", str(len(body)).encode()),
         ]
         headers += [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
-        if err.status_code == 413:
+        if err.status_code in (408, 413):  # the rest of the body is never read
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": err.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})

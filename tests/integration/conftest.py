@@ -21,6 +21,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
+from app.cli import uvicorn_limits
 from app.config import Settings
 from app.engine.async_engine import AsyncEngine
 from app.engine.engine import EngineConfig, LLMEngine
@@ -58,7 +59,9 @@ def start_server(settings: Settings, state: ServerState | None = None) -> LiveSe
     port = free_port()
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
     app = create_app(settings, state)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_limits(settings)
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

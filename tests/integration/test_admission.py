@@ -4,6 +4,7 @@ limit before it reaches the engine, and the server keeps serving everyone else m
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import LiveServer
+from tests.integration.conftest import LiveServer, start_server, stop_server
 
 CANARY = {"inputs": "대한민국은", "parameters": {"max_new_tokens": 4}}
 
@@ -117,3 +118,70 @@ def test_constrained_beam_work_is_priced(
     small = {"max_new_tokens": 4, "num_beams": 2, "force_words_ids": words(2, 2, 3)}
     assert client.post("/generate", json={"inputs": "국민", "parameters": small}).status_code == 200
     assert client.post("/generate", json=CANARY).status_code == 200
+
+
+# -- HTTP: slow bodies and the connection cap ---------------------------------------------
+@pytest.fixture(scope="module")
+def strict_server(live_server: LiveServer) -> Iterator[LiveServer]:
+    """The live server's engine behind an app with a 1 s body deadline."""
+    update = {"body_read_timeout_seconds": 1.0}
+    live = start_server(live_server.state.settings.model_copy(update=update), live_server.state)
+    yield live
+    stop_server(live)
+
+
+def slow_body(base_url: str, declared: int = 100_000) -> socket.socket:
+    """A client that declares a body and sends its first bytes only."""
+    host, port = base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = (
+        f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + b'{"inputs": "')
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):  # b"" once the server closed the connection
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_slow_body_gets_408_and_its_socket_closed(strict_server: LiveServer) -> None:
+    """Was: held open for ever (1,100 such sockets, one byte every 5 s)."""
+    sock = slow_body(strict_server.base_url)
+    try:
+        reply = read_all(sock)  # returns only when the server closes the connection
+    finally:
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"--body-read-timeout-seconds" in reply
+    r = httpx.post(f"{strict_server.base_url}/generate", json=CANARY, timeout=60)
+    assert r.status_code == 200
+
+
+def test_past_the_connection_cap_a_503_at_once(live_server: LiveServer) -> None:
+    update = {"body_read_timeout_seconds": 60.0, "max_connections": 4}
+    capped = start_server(live_server.state.settings.model_copy(update=update), live_server.state)
+    server_state = capped.server.server_state
+    try:
+        held = []
+        for i in range(3):  # three requests being served (reading their bodies)...
+            held.append(slow_body(capped.base_url))
+            deadline = time.monotonic() + 10
+            while len(server_state.tasks) < i + 1:
+                assert time.monotonic() < deadline, "the slow request was not served"
+                time.sleep(0.02)
+        try:  # ...so a fourth connection is past the cap of 4 (uvicorn counts it too)
+            assert httpx.get(f"{capped.base_url}/health").status_code == 503
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{capped.base_url}/health").status_code != 200:
+            assert time.monotonic() < deadline, "the cap did not free up"
+            time.sleep(0.1)
+    finally:
+        stop_server(capped)
