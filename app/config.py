@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     max_waiting_requests: int = Field(
         default=1024, ge=1, description="Waiting-queue bound; past it requests get 429."
     )
+    default_max_time_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="`max_time` for requests that set none (generate's MaxTimeCriteria: the "
+        "request ends with finish reason length once it has run this long); default: none.",
+    )
     max_constraint_work: int = Field(
         default=2048,
         ge=1,

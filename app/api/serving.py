@@ -76,10 +76,13 @@ def build_params(
     """The resolve step (app/options/resolve.py: routing by the option registry, defaults,
     ranges, cross-field and model-limit checks) for this server's model; a bad option is a
     422 named as the caller named it. `exact_lane`: the caller serves output_attentions /
-    output_hidden_states (app/api/exact_lane.py); elsewhere they are a 422. `logprobs`:
+    output_hidden_states (app/engine/lanes/exact.py); elsewhere they are a 422. `logprobs`:
     False when the response shows no token log-prob and none ranks the sequences (the
     engine then skips their full-row log-softmax)."""
     config = state.loaded.config
+    default_max_time = state.settings.default_max_time_seconds
+    if default_max_time is not None and options.get("max_time") is None:
+        options = {**options, "max_time": default_max_time}  # the server's own deadline
     limits = ModelLimits(
         generation_defaults=state.generation_defaults(),
         max_total_tokens=state.max_total_tokens,

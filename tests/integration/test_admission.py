@@ -3,6 +3,7 @@ limit before it reaches the engine, and the server keeps serving everyone else m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -185,3 +186,22 @@ def test_past_the_connection_cap_a_503_at_once(live_server: LiveServer) -> None:
             time.sleep(0.1)
     finally:
         stop_server(capped)
+
+
+def test_a_server_wide_default_max_time(live_server: LiveServer) -> None:
+    """--default-max-time-seconds ends requests that set no max_time (finish reason length,
+    as generate's MaxTimeCriteria does); a request's own max_time wins."""
+    settings = live_server.state.settings.model_copy(update={"default_max_time_seconds": 0.05})
+    timed = start_server(settings, dataclasses.replace(live_server.state, settings=settings))
+    try:
+        long = {"max_new_tokens": 400, "ignore_eos": True, "details": True}
+        body = {"inputs": "대한민국은", "parameters": long}
+        r = httpx.post(f"{timed.base_url}/generate", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        details = r.json()["details"]
+        assert details["finish_reason"] == "length" and details["generated_tokens"] < 400
+        own = {**long, "max_new_tokens": 40, "max_time": 60}
+        r = httpx.post(f"{timed.base_url}/generate", json={**body, "parameters": own}, timeout=120)
+        assert r.json()["details"]["generated_tokens"] == 40
+    finally:
+        stop_server(timed)
