@@ -5,6 +5,9 @@ module only decides, after every forward, which beams continue with which tokens
 state and arithmetic mirror `GenerationMixin._beam_search` for a batch of one: the same
 tensors, the same static helpers of transformers, so results match `model.generate`
 token for token. The only change: sampling draws from the request's own generator.
+Every tensor stays on the model's device, as in generate: the processors hold tensors on it
+and a seeded request's generator is on it (`make_generator(seed, device)`); an unseeded
+draw uses that device's default generator, as generate's does.
 
 Processors and stopping criteria come from `prepare_generation`, which asks
 `model.generate` itself to build them (through `custom_generate`), so no option is
@@ -14,7 +17,7 @@ re-implemented here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +33,8 @@ class PreparedGeneration:
     generation_config: GenerationConfig
     logits_processor: LogitsProcessorList
     stopping_criteria: StoppingCriteriaList
+    # the model's: the processors' and criteria's tensors are on it
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def prepare_generation(
@@ -37,9 +42,12 @@ def prepare_generation(
 ) -> PreparedGeneration:
     """Run generate's preparation (config merge, validation, processors, criteria) only."""
 
-    def capture(_model: Any, _input_ids: Any, **kwargs: Any) -> PreparedGeneration:
+    def capture(_model: Any, input_ids: torch.Tensor, **kwargs: Any) -> PreparedGeneration:
         return PreparedGeneration(
-            kwargs["generation_config"], kwargs["logits_processor"], kwargs["stopping_criteria"]
+            kwargs["generation_config"],
+            kwargs["logits_processor"],
+            kwargs["stopping_criteria"],
+            input_ids.device,
         )
 
     ids = torch.tensor([list(prompt_ids)], device=model.device)
@@ -78,7 +86,8 @@ class BeamSearch:
         gc = prepared.generation_config
         self.processors = prepared.logits_processor
         self.stopping = prepared.stopping_criteria
-        self.generator = generator
+        self.generator = generator  # on the model's device (None: its default generator)
+        self.device = device = prepared.device
         self.num_beams = int(gc.num_beams)
         self.do_sample = bool(gc.do_sample)
         self.early_stopping = gc.early_stopping
@@ -91,23 +100,29 @@ class BeamSearch:
         self.beams_to_keep = max(2, 1 + n_eos) * self.num_beams
         self.top_num_beam_mask = torch.cat(
             (
-                torch.ones(self.num_beams, dtype=torch.bool),
-                torch.zeros(self.beams_to_keep - self.num_beams, dtype=torch.bool),
+                torch.ones(self.num_beams, dtype=torch.bool, device=device),
+                torch.zeros(self.beams_to_keep - self.num_beams, dtype=torch.bool, device=device),
             )
         )
         # Same fill value expression as transformers (operator precedence included).
         fill = pad or eos[0] if eos is not None else -1
         self.prompt_len = self.cur_len = len(prompt_ids)
         b, length = self.num_beams, self.max_length
-        self.running_sequences = torch.full((1, b, length), int(fill), dtype=torch.int64)
-        self.running_sequences[:, :, : self.cur_len] = torch.tensor(list(prompt_ids))
+        self.running_sequences = torch.full(
+            (1, b, length), int(fill), dtype=torch.int64, device=device
+        )
+        self.running_sequences[:, :, : self.cur_len] = torch.tensor(list(prompt_ids), device=device)
         self.sequences = self.running_sequences.clone()
-        self.running_beam_scores = torch.zeros((1, b), dtype=torch.float)
+        self.running_beam_scores = torch.zeros((1, b), dtype=torch.float, device=device)
         self.running_beam_scores[:, 1:] = -1e9
-        self.beam_scores = torch.full((1, b), -1e9, dtype=torch.float)
-        self.is_sent_finished = torch.zeros((1, b), dtype=torch.bool)
-        self.is_early_stop_heuristic_unsatisfied = torch.ones((1, 1), dtype=torch.bool)
-        self.running_beam_indices = torch.full((1, b, length - self.cur_len), -1, dtype=torch.int32)
+        self.beam_scores = torch.full((1, b), -1e9, dtype=torch.float, device=device)
+        self.is_sent_finished = torch.zeros((1, b), dtype=torch.bool, device=device)
+        self.is_early_stop_heuristic_unsatisfied = torch.ones(
+            (1, 1), dtype=torch.bool, device=device
+        )
+        self.running_beam_indices = torch.full(
+            (1, b, length - self.cur_len), -1, dtype=torch.int32, device=device
+        )
         self.beam_indices = self.running_beam_indices.clone()
 
     def step(self, logits: torch.Tensor) -> BeamStep:
@@ -115,7 +130,7 @@ class BeamSearch:
         on the first step, when all beams are still the prompt)."""
         mixin = GenerationMixin
         b = self.num_beams
-        logits = logits.to(dtype=torch.float32, device="cpu", copy=True)
+        logits = logits.to(dtype=torch.float32, device=self.device, copy=True)
         if logits.shape[0] == 1 and b > 1:
             logits = logits.expand(b, -1).clone()  # generate prefills b identical copies
         flat_running = mixin._flatten_beam_dim(self.running_sequences[:, :, : self.cur_len])

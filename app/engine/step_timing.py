@@ -47,6 +47,7 @@ class _Pending:  # a CUDA forward whose events are not read yet
 class StepTimer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.device = device  # events record on its current stream (the forward's)
         self.observers: list[Callable[[StepTiming], None]] = []
         self.busy_seconds = 0.0
         self.idle_seconds = 0.0
@@ -81,7 +82,7 @@ class StepTimer:
         self._host_start = time.perf_counter()
         if self.cuda:
             self._event_start = torch.cuda.Event(enable_timing=True)
-            self._event_start.record()
+            self._event_start.record(torch.cuda.current_stream(self.device))
 
     def forward_finished(self) -> None:
         now = time.perf_counter()
@@ -93,7 +94,7 @@ class StepTimer:
             self._record(StepTiming(now - self._host_start, host, host))
             return
         end = torch.cuda.Event(enable_timing=True)
-        end.record()
+        end.record(torch.cuda.current_stream(self.device))
         assert self._event_start is not None
         previous = self._event_last_end if counted else None
         self._pending.append(_Pending(self._event_start, end, previous, host))

@@ -108,21 +108,23 @@ class DecodeGraphs:
         every = max(1, len(shapes) // PROGRESS_LINES)
         started, reserved = time.monotonic(), torch.cuda.memory_reserved(device)
         self.buffers.fill([], shapes[0])  # padding rows only: captures write the scratch block
-        pool = torch.cuda.graph_pool_handle()
-        for done, shape in enumerate(shapes, 1):
-            decode_forward(self.model, self.kv, self.buffers, shape)  # warm-up, not captured
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                decode_forward(self.model, self.kv, self.buffers, shape)
-            self.graphs[shape] = graph
-            if done % every == 0 or done == len(shapes):
-                logger.info(
-                    "captured %d/%d decode graphs (batch %d, %d blocks)",
-                    done,
-                    len(shapes),
-                    shape.batch_size,
-                    shape.num_blocks,
-                )
+        # torch.cuda.graph captures on a side stream of the current device: the model's.
+        with torch.cuda.device(device):
+            pool = torch.cuda.graph_pool_handle()
+            for done, shape in enumerate(shapes, 1):
+                decode_forward(self.model, self.kv, self.buffers, shape)  # warm-up, not captured
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    decode_forward(self.model, self.kv, self.buffers, shape)
+                self.graphs[shape] = graph
+                if done % every == 0 or done == len(shapes):
+                    logger.info(
+                        "captured %d/%d decode graphs (batch %d, %d blocks)",
+                        done,
+                        len(shapes),
+                        shape.batch_size,
+                        shape.num_blocks,
+                    )
         torch.cuda.synchronize(device)
         logger.info(
             "decode graphs for batch sizes %s x context buckets %s blocks captured in %.1fs, "

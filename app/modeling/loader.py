@@ -89,6 +89,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def select_device(device: str = "auto") -> torch.device:
+    """`resolve_device`, a CUDA device with its index, made the current device: CUDA graph
+    capture and the default streams are the current device's (`--device cuda:N`, issue #22)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if dev.index is None:  # "cuda" / "auto": the current device, named
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+    return dev
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """ "auto" -> bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (fp16 matmuls
     on CPU are slow and lossy)."""
@@ -105,7 +116,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(path_or_hub_id: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a local KoGPT-2 directory or hub id, checked, on `device` in eval mode."""
-    dev = resolve_device(device)
+    dev = select_device(device)
     dt = resolve_dtype(dtype, dev)
     source, name, local = _locate(str(path_or_hub_id))
     where = f"{source}/config.json" if local else f"config.json of hub model {source!r}"
