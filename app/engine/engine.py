@@ -236,14 +236,17 @@ class LLMEngine:
                 if run.finished:
                     del self._lanes[request_id]
                 if seqs or run.finished:
-                    out = RequestOutput(request_id, run.prompt, seqs, run.finished)
-                    out.diagnostics = run.diagnostics
-                    outputs.append(out)
+                    diagnostics = run.diagnostics
+                    outputs.append(
+                        RequestOutput(
+                            request_id, run.prompt, seqs, run.finished, diagnostics=diagnostics
+                        )
+                    )
                 continue
             del self._lanes[request_id]
-            failure = RequestOutput(request_id, run.prompt, [], True, message, kind)
-            failure.error_field = field
-            outputs.append(failure)
+            outputs.append(
+                RequestOutput(request_id, run.prompt, [], True, message, kind, error_field=field)
+            )
         return outputs
 
     def _step_batch(self) -> list[RequestOutput]:

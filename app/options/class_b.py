@@ -50,7 +50,7 @@ class ClassBOptions:
 
 @dataclass
 class ClassBParams(SamplingParams):
-    """A request's options when it asks for a class-B method (served by class_b/runner.py)."""
+    """A request's options when it asks for a class-B method (engine/lanes/class_b/runner.py)."""
 
     class_b: ClassBOptions | None = None
 

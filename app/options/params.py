@@ -88,7 +88,7 @@ class SamplingParams:
     top_n_tokens: int = 0
     # Not an option: compute each chosen token's log-prob (off: see build_params).
     logprobs: bool = True
-    # Prompt-lookup decoding (speculative: no effect on output, see spec_decode.py).
+    # Prompt-lookup decoding (speculative: no effect on output, see engine/spec/decoder.py).
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None
     # Draft-model speculation (used when the engine has a draft model; no effect on output).

@@ -1,5 +1,5 @@
 """Validation of the speculative-decoding options (no torch). None of them changes the output
-(drafts are verified against plain decoding, spec_decode.py); they only change the speed.
+(drafts are verified against plain decoding, engine/spec/decoder.py); they only change the speed.
 
 Prompt lookup: prompt_lookup_num_tokens, max_matching_ngram_size. Draft model (class E,
 served when the server has --draft-model; the HTTP layer refuses them otherwise):

@@ -1,6 +1,6 @@
 """TGI wire format (/generate, /generate_stream, POST /) and the operational models.
 
-The OpenAI models live in schemas_openai.py, the few-shot ones in schemas_fewshot.py.
+The OpenAI models live in protocol/openai.py, the few-shot ones in protocol/fewshot.py.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ class ScheduledSeq:
     block_table: list[int]
     sample: bool  # this chunk ends at the sequence's last token: its logits are needed
     # Speculative tokens after the last token (the tail of token_ids): every token of the
-    # chunk then needs its logits, and the engine verifies the drafts (spec_decode.py).
+    # chunk then needs its logits, and the engine verifies the drafts (spec/decoder.py).
     draft_token_ids: list[int] = field(default_factory=list)
 
     @property

@@ -14,7 +14,7 @@ engine reserves the blocks first, Scheduler.reserve_slots); the mirror then rewr
 with the same tokens.
 
 Departures from transformers' AssistedCandidateGenerator, none of which can change the
-output (drafts are verified against plain decoding, spec_decode.py): the draft always takes
+output (drafts are verified against plain decoding, engine/spec/decoder.py): the draft always takes
 the argmax of its raw logits (no logits processors, no sampling); the confidence threshold
 is fixed (transformers re-tunes it with scikit-learn's ROC curve as generation goes on).
 """
