@@ -120,6 +120,26 @@ def admit(state: ServerState) -> None:
         raise admission_error(err) from err
 
 
+def check_request_sequences(state: ServerState, total: int) -> None:
+    """One request's sequences (prompts x per-prompt sequences) against the setting."""
+    cap = state.settings.max_request_sequences
+    if total > cap:
+        raise APIError(
+            422,
+            f"`prompt` asks for {total} sequences (prompts x n / best_of / num_beams); at most "
+            f"{cap} per request (--max-request-sequences): send fewer prompts or sequences",
+            field="prompt",
+        )
+
+
+def sequences_of(params: SamplingParams | None) -> int:
+    """The sequences one prompt's request runs (echo-only prompts run none)."""
+    if params is None:
+        return 0
+    guidance = 1 if params.guidance_scale is not None else 0
+    return max(params.num_beams, params.num_return_sequences) + guidance
+
+
 def engine_error(out: RequestOutput, produced_tokens: bool) -> APIError:
     message = out.error or "unknown error"
     if out.error_kind == "invalid_request" and not produced_tokens:

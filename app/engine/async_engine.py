@@ -175,8 +175,7 @@ class AsyncEngine:
                 if not alive:
                     continue  # aborted before it reached the engine
                 try:
-                    lane = {"diagnostics": diagnostics} if diagnostics else {}
-                    self.engine.add_request(request_id, prompt, params, **lane)
+                    self.engine.add_request(request_id, prompt, params, diagnostics=diagnostics)
                 except Exception as err:
                     self._deliver([self._error_output(request_id, prompt, err)])
             elif kind == "call":

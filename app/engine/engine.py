@@ -260,17 +260,17 @@ class LLMEngine:
         for observe in self.step_observers:
             observe(len(sched.seqs))
         sampling = [item for item in sched.seqs if item.sample]
-        failed: dict[str, Exception] = {}
+        failures: list[RequestOutput] = []
         try:
             logits = self._forward(sched)
         except Exception:  # find the request that broke it: the others go on
             logger.exception("batched forward failed: retrying its requests one at a time")
-            logits, failed = self._forward_isolated(sched, sampling)
-            sampling = [item for item in sampling if item.request_id not in failed]
-        failures = self._fail(failed) if failed else []  # before the scheduler advances
-        failed = {}
+            logits, broken = self._forward_isolated(sched, sampling)
+            sampling = [item for item in sampling if item.request_id not in broken]
+            failures = self._fail(broken)  # before the scheduler advances
         self.scheduler.update_from_output(sched)
         outputs: dict[str, RequestOutput] = {}
+        failed: dict[str, Exception] = {}
         # Rows of `logits` per request, in the order of the request's sequences (an item
         # with drafts has more rows: this is its first, the rest are verified below).
         groups: dict[str, dict[int, int]] = {}

@@ -207,8 +207,8 @@ class Injector:
             return
         add = engine.add_request
 
-        def faulty_add(request_id: str, prompt: list[int], params: Any, *lanes: Any) -> None:
-            add(request_id, prompt, params, *lanes)
+        def faulty_add(request_id: str, prompt: list[int], params: Any, **lane: Any) -> None:
+            add(request_id, prompt, params, **lane)
             if not self.is_poison(prompt):
                 return
             state = engine._states[request_id]

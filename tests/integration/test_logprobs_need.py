@@ -24,9 +24,9 @@ def seen(live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[l
     original = engine.add_request
     flags: list[bool] = []
 
-    def spy(request_id: str, prompt_token_ids: list[int], params: Any) -> None:
+    def spy(request_id: str, prompt_token_ids: list[int], params: Any, **lane: Any) -> None:
         flags.append(params.logprobs)
-        original(request_id, prompt_token_ids, params)
+        original(request_id, prompt_token_ids, params, **lane)
 
     monkeypatch.setattr(engine, "add_request", spy)
     yield flags

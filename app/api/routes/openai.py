@@ -43,9 +43,11 @@ from app.api.serving import (
     build_params,
     check_diagnostics_cap,
     check_prompt_ids,
+    check_request_sequences,
     encode,
     run_collecting,
     run_to_completion,
+    sequences_of,
     stream_request,
     token_steps,
 )
@@ -137,26 +139,6 @@ def prompt_list(state: ServerState, prompt: Any) -> list[tuple[list[int], str, s
             text = state.tokenizer.decode(ids)
         out.append((ids, text, field))
     return out
-
-
-def check_request_sequences(state: ServerState, total: int) -> None:
-    """One request's sequences (prompts x per-prompt sequences) against the setting."""
-    cap = state.settings.max_request_sequences
-    if total > cap:
-        raise APIError(
-            422,
-            f"`prompt` asks for {total} sequences (prompts x n / best_of / num_beams); at most "
-            f"{cap} per request (--max-request-sequences): send fewer prompts or sequences",
-            field="prompt",
-        )
-
-
-def sequences_of(params: SamplingParams | None) -> int:
-    """The sequences one prompt's request runs (echo-only prompts run none)."""
-    if params is None:
-        return 0
-    guidance = 1 if params.guidance_scale is not None else 0
-    return max(params.num_beams, params.num_return_sequences) + guidance
 
 
 async def gather_all(coros: list[Any]) -> list[Any]:
