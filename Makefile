@@ -17,10 +17,14 @@ ARGS ?=
 # (the Dockerfile); dev.lock: runtime + dev + bench extras + build tools (make install);
 # build.lock: the wheel build (the Dockerfile); no-deps.lock: installed without dependencies.
 LOCK := requirements
-LOCKS := $(LOCK)/runtime.lock $(LOCK)/dev.lock $(LOCK)/build.lock $(LOCK)/no-deps.lock
+LOCKS := $(LOCK)/runtime.lock $(LOCK)/dev.lock $(LOCK)/build.lock $(LOCK)/no-deps.lock \
+	$(LOCK)/triton.lock
+# The third-party clients the integration tests drive (LangChain, LiteLLM, sglang-router, ...)
+# pin huggingface-hub and openai against the server's own: they get a venv of their own.
+CLIENTS_VENV ?= .venv-clients
 PIP_LOCKED := $(PY) -m pip install -q --require-hashes --no-deps
 
-.PHONY: install serve test lint format lock upstream-check bench bench-engine bench-http random-base embedded-model clean browser soak
+.PHONY: install clients serve test lint format lock upstream-check bench bench-engine bench-http random-base embedded-model clean browser soak
 
 $(VENV)/.installed: pyproject.toml $(LOCKS)
 	$(PYTHON) -m venv $(VENV)
@@ -29,16 +33,25 @@ $(VENV)/.installed: pyproject.toml $(LOCKS)
 	# TGI's Python client pins huggingface-hub<1.0, which transformers 5 cannot use; its
 	# code works with the newer hub, so it is locked and installed without its pins.
 	$(PIP_LOCKED) -r $(LOCK)/no-deps.lock
+	# Triton for the GPU kernel's interpreter tests: CUDA torch brings its own matched build.
+	$(PY) -c "import triton" 2>/dev/null || $(PIP_LOCKED) -r $(LOCK)/triton.lock
 	# The package itself, built with the locked setuptools (no unpinned build-isolation download).
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
 
+$(CLIENTS_VENV)/.installed: $(LOCK)/clients.lock
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install -q --require-hashes --no-deps -r $(LOCK)/clients.lock
+	touch $@
+
+clients: $(CLIENTS_VENV)/.installed
+
 serve: install
 	$(VENV)/bin/kogpt-serve $(ARGS)
 
-test: install browser
+test: install clients browser
 	$(VENV)/bin/ruff check app tests models
 	$(VENV)/bin/ruff format --check app tests models
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
@@ -105,6 +118,8 @@ lock: install
 	$(UV_COMPILE) pyproject.toml $(LOCK)/build.in --extra dev --extra bench -o $(LOCK)/dev.lock
 	$(UV_COMPILE) $(LOCK)/build.in -o $(LOCK)/build.lock
 	$(UV_COMPILE) $(LOCK)/no-deps.in --no-deps -o $(LOCK)/no-deps.lock
+	$(UV_COMPILE) $(LOCK)/triton.in -o $(LOCK)/triton.lock
+	$(UV_COMPILE) $(LOCK)/clients.in -o $(LOCK)/clients.lock
 	rm $(LOCK)/torch.constraint
 	@echo "lock: refreshed; run make test (the float64 conformance suite) before committing it"
 
@@ -115,7 +130,7 @@ upstream-check: install
 	$(PY) -m tests.conformance.upstream_check --spec "$(TRANSFORMERS_SPEC)" --torch-spec "$(TORCH_SPEC)" $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(CLIENTS_VENV) .pytest_cache .ruff_cache .hypothesis
 
 # Opt-in, never in CI (4 to 5 minutes cold, 2 with the layer cache): build the CPU image
 # from the Dockerfile with docker, or podman when no docker daemon answers (installed with

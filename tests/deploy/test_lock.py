@@ -4,7 +4,9 @@ pyproject's ranges, pinning the transformers whose generate the engine matches, 
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -65,12 +67,19 @@ def assert_satisfied(requirements: list[Requirement], pins: dict[str, str], lock
         )
 
 
-@pytest.mark.parametrize("lock", ["runtime.lock", "dev.lock", "build.lock", "no-deps.lock"])
+@pytest.mark.parametrize(
+    "lock", ["runtime.lock", "dev.lock", "build.lock", "no-deps.lock", "clients.lock"]
+)
 def test_every_pin_is_hashed_and_torch_stays_out(lock: str) -> None:
     pins = read_lock(lock)
     assert "torch" not in pins
+    # Triton has its own lock: CUDA torch pins its matched build, a CPU torch has none.
     cuda_only = [n for n in pins if n.startswith("nvidia-") or n == "triton"]
     assert not cuda_only, f"{lock} was resolved against a CUDA torch: {cuda_only}"
+
+
+def test_triton_lock_holds_triton_alone() -> None:
+    assert set(read_lock("triton.lock")) == {"triton"}
 
 
 def test_lock_pins_the_transformers_the_engine_matches() -> None:
@@ -97,10 +106,13 @@ def test_the_image_runs_the_versions_ci_tested() -> None:
 
 
 def test_the_installed_environment_is_the_lock() -> None:
-    """What `make install` put in .venv is exactly dev.lock (+ no-deps.lock)."""
+    """What `make install` put in .venv is exactly dev.lock (+ no-deps.lock, + triton.lock
+    when torch brought no Triton of its own)."""
     if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
         pytest.skip("not running in the repository's .venv (make install)")
     pins = {**read_lock("dev.lock"), **read_lock("no-deps.lock")}
+    if "+cpu" in version("torch"):
+        pins.update(read_lock("triton.lock"))
     wrong: dict[str, tuple[str, str | None]] = {}
     for name, pinned in pins.items():
         try:
@@ -118,3 +130,22 @@ def test_docs_name_the_matched_transformers(doc: str) -> None:
     assert f"transformers {MATCHED_TRANSFORMERS}" in text or MATCHED_TRANSFORMERS in text
     named = set(re.findall(r"transformers\**\s+\**(5\.\d+\.\d+)", text))
     assert named <= {MATCHED_TRANSFORMERS}, f"{doc} names another transformers: {named}"
+
+
+def test_the_clients_environment_is_its_lock() -> None:
+    """.venv-clients (make clients, part of make test) holds exactly clients.lock."""
+    python = REPO / ".venv-clients" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv-clients (make clients)")
+    script = (
+        "import json, importlib.metadata as m;"
+        "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    )
+    out = subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True)
+    installed = {canonicalize_name(k): v for k, v in json.loads(out.stdout).items()}
+    wrong = {
+        n: (v, installed.get(n))
+        for n, v in read_lock("clients.lock").items()
+        if installed.get(n) != v
+    }
+    assert not wrong, f".venv-clients differs from clients.lock (pinned, installed): {wrong}"
