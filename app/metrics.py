@@ -33,12 +33,21 @@ except the per-step batch size histogram, which is observed after every engine s
 | kogpt_device_busy_seconds / _idle_seconds | counter | | their sums (app/engine/step_timing.py) |
 | kogpt_device_idle_ratio | gauge | | idle / (idle + busy) device time so far |
 | kogpt_draining | gauge | | 1 while shutting down |
+| kogpt_lora_requests_info | gauge | running_lora_adapters, ... | LoRA adapter info (below) |
+| kogpt_cache_config_info | gauge | block_size, num_gpu_blocks | KV cache layout (value 1) |
+
+The Gateway API Inference Extension's endpoint picker reads kogpt_requests_waiting (queued),
+kogpt_requests_running, kogpt_kv_cache_usage_ratio (0..1), kogpt_lora_requests_info and
+kogpt_cache_config_info (its model-server protocol; docker/k8s/inference-pool/). The adapter
+gauge has vLLM's lora_requests_info labels (running_lora_adapters, waiting_lora_adapters,
+max_lora); no adapters are served yet, so its lists are empty and max_lora is 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -103,12 +112,16 @@ class EngineCollector(Collector):
     def __init__(self, model: str, async_engine: Any) -> None:
         self.model = model
         self.async_engine = async_engine
+        # The adapter info gauge's value is when its label set last changed (the picker keeps
+        # the newest series); with no adapters it never changes after start-up.
+        self.lora_info_since = time.time()
 
     def collect(self) -> Iterator[Metric]:
         engine = self.async_engine.engine
         try:
             stats = engine.stats()
             waiting = self.async_engine.num_waiting
+            block_size = engine.config.block_size
         except Exception:  # never fail a scrape because the engine is mid-update
             logger.exception("reading engine stats failed")
             return
@@ -118,6 +131,26 @@ class EngineCollector(Collector):
             family = family_type(name, doc, labels=["model"])
             family.add_metric([self.model], float(values[key]))
             yield family
+        yield from self.info_families(block_size, int(stats["kv_total_blocks"]))
+
+    def info_families(self, block_size: int, num_blocks: int) -> Iterator[Metric]:
+        """Info-style gauges of the inference extension's model-server protocol: the label
+        values carry the data. No LoRA adapters are served yet, so both lists are empty and
+        max_lora is 0."""
+        lora = GaugeMetricFamily(
+            "kogpt_lora_requests_info",
+            "LoRA adapters running and waiting (value: when the label set last changed).",
+            labels=["model", "running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        lora.add_metric([self.model, "", "", "0"], self.lora_info_since)
+        yield lora
+        cache = GaugeMetricFamily(
+            "kogpt_cache_config_info",
+            "KV cache layout: tokens per block and blocks (value 1).",
+            labels=["model", "block_size", "num_gpu_blocks"],
+        )
+        cache.add_metric([self.model, str(block_size), str(num_blocks)], 1.0)
+        yield cache
 
 
 class ServerMetrics:

@@ -30,6 +30,7 @@ ENV_PREFIX = "KOGPT_"
 SKIP_DIRS = {
     ".git",
     ".venv",
+    ".venv-clients",
     "venv",
     "node_modules",
     "build",
