@@ -80,6 +80,15 @@ format: install
 	$(VENV)/bin/ruff format app tests models
 	$(VENV)/bin/ruff check --fix app tests models
 
+# On a CUDA host (a few minutes on one H100): tests/gpu, then the decode-step benchmark
+# (Triton paged attention vs gather + SDPA, graphs replayed, bf16 and fp16, the 125M shape
+# with random weights) into docs/benchmarks/gpu_check.json. Without CUDA: the same script's
+# CPU dry run (tiny sizes, Triton's interpreter; `make test` runs it too), figures to a
+# temporary file. ARGS="--skip-tests", "--repeat 11", "--out PATH".
+.PHONY: gpu-check
+gpu-check: install
+	$(PY) -m tests.gpu.gpu_check $(ARGS)
+
 # Opt-in, never in CI: random-weight KoGPT-2-base checkpoint, then the engine benchmark.
 random-base: install
 	$(PY) models/build_random_base.py
@@ -90,6 +99,14 @@ bench-engine: random-base
 # A real server on 127.0.0.1 under streaming load, then the same mix in-engine.
 bench-http: random-base
 	$(PY) -m tests.benchmarks.http_load $(ARGS)
+
+# Opt-in, never in CI (about 4 minutes on 2 cores): 2 replicas of the embedded model (one torch
+# thread each) behind sglang-router, cache-aware against round-robin routing on 8 few-shot
+# tasks, and a single server's hit rate; writes docs/benchmarks/scale_out.json and .png.
+# ARGS="--scale-down": SIGTERM to one replica under load (docs/benchmarks/scale_down.json).
+.PHONY: bench-scale-out
+bench-scale-out: install clients
+	$(PY) -m tests.benchmarks.scale_out $(ARGS)
 
 bench: bench-engine
 

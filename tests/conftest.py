@@ -7,6 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run through Triton's interpreter on CPU tensors (the GPU decode
+# attention's tests, issue #22). @triton.jit picks the interpreter when a kernel is defined,
+# and importing transformers' models imports triton: so here, before that import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import settings
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 

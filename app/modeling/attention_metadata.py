@@ -16,7 +16,8 @@ tests/benchmarks/forward_micro.py):
   batch is capped at ``CPU_DECODE_BATCH_TOKENS`` padded keys so the gathered K/V (~1 MB
   each) are still in cache when SDPA reads them; on other devices all decodes form one
   batch. Sequences of very different lengths are sorted into batches of similar length;
-- with ``paged_decode=True`` (the native kernel, app/modeling/native.py) all
+- with ``paged_decode=True`` (the native kernel, app/modeling/native.py, or on CUDA the
+  Triton one, app/modeling/triton_attention.py) all
   single-token chunks form one ``PagedDecode`` instead: block tables and context lengths,
   no padding, no gather; the kernel reads the blocks in place. Chunks of up to
   ``PAGED_CHUNK_MAX_TOKENS`` tokens join it too, one row per token with its causal context

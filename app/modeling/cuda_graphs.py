@@ -1,8 +1,12 @@
 """CUDA graphs of the padded decode step (app/modeling/static_decode.py).
 
-Captured at start-up for a ladder of (batch size, context bucket) shapes and replayed by
-every step that fits one, as vLLM and nano-vllm do: each shape runs once eagerly first (lazy
-initialization, cuBLAS workspaces and kernel choice happen outside the capture), then is
+Captured at start-up for a ladder of shapes and replayed by every step that fits one, as vLLM
+and nano-vllm do. With the Triton paged attention (CUDA, ``PagedGPT2.decode_kernel() ==
+"triton"``) a shape is a batch size: the kernel reads each row's context length from the
+static buffer, so one graph per batch size serves every context. Without it (gather + SDPA)
+a shape is (batch size, context bucket): the gathered context is padded to the bucket.
+Each shape runs once eagerly first (lazy initialization, cuBLAS workspaces, kernel choice and
+the Triton kernels' compilation happen outside the capture), then is
 captured with ``torch.cuda.graph``. All graphs share one memory pool and are captured largest
 first, so a smaller capture reuses what the larger ones freed; that is safe because one graph
 runs at a time and nothing in the pool outlives a replay (inputs and logits are static
@@ -48,9 +52,12 @@ class DecodeGraphs:
         scratch_block: int,
         batch_sizes: list[int] | None = None,
         context_blocks: list[int] | None = None,
+        paged_attention: bool | None = None,
     ) -> None:
         """``scratch_block``: a block of ``kv`` that the block manager never hands out.
-        ``batch_sizes`` / ``context_blocks`` override the ladder (tests)."""
+        ``batch_sizes`` / ``context_blocks`` override the ladder (tests).
+        ``paged_attention``: attend with the in-place Triton kernel, one context bucket
+        (default: where the model resolved that kernel)."""
         if not 0 <= scratch_block < kv.num_blocks:
             raise ValueError(
                 f"scratch block {scratch_block} is not in a {kv.num_blocks}-block cache"
@@ -58,10 +65,20 @@ class DecodeGraphs:
         self.model, self.kv = model, kv
         self.block_size = kv.block_size
         max_blocks = -(-model.n_positions // kv.block_size)
+        if paged_attention is None:
+            paged_attention = model.decode_kernel() == "triton"
+        self.paged_attention = paged_attention
         self.batch_sizes = sorted(batch_sizes or batch_ladder(max_num_seqs))
-        self.context_blocks = sorted(context_blocks or context_buckets(max_blocks))
+        # Paged: every table as wide as the longest context; its unused entries are never read.
+        default_buckets = [max_blocks] if paged_attention else context_buckets(max_blocks)
+        self.context_blocks = sorted(context_blocks or default_buckets)
         self.buffers = DecodeBuffers(
-            model, self.batch_sizes[-1], self.context_blocks[-1], kv.block_size, scratch_block
+            model,
+            self.batch_sizes[-1],
+            self.context_blocks[-1],
+            kv.block_size,
+            scratch_block,
+            paged=paged_attention,
         )
         self.graphs: dict[DecodeShape, torch.cuda.CUDAGraph] = {}
         self.num_padded_steps = 0  # steps run by the padded forward, replayed or eager

@@ -11,8 +11,13 @@ activation: ACT2FN's, or for gelu_new an equal but faster formula), so logits ma
 app/modeling/linear.py: HF's own ops, or on a float32 CPU oneDNN with prepacked weights
 (or, with quantize=int8, dynamic int8 matmuls: logits then differ beyond rounding). On a
 float32 CPU the attention of decode rows and short chunks is one native kernel call per
-layer that reads the paged blocks in place, and gelu_new one native pass (app/modeling/native.py;
-native_kernels=off: torch ops, SDPA over gathered blocks).
+layer that reads the paged blocks in place, and gelu_new one native pass (app/modeling/native.py);
+on CUDA the same rows go to the Triton kernel that reads the blocks in place
+(app/modeling/triton_attention.py, through torch.ops.kogpt.paged_decode_attention);
+native_kernels=off: torch ops, SDPA over gathered blocks.
+In batch-invariant mode (float32 CPU, app/modeling/batch_invariant.py) every token of every
+chunk is a row of the native kernel and the matmuls run row-invariant, so a token's numbers
+do not depend on the batch or on how its sequence was chunked (docs/reproducibility.md).
 
 Per step, ``plan()`` builds every buffer and view the layers share (tests and the
 micro-benchmark call ``plan``/``attention`` directly); per layer, ``attention()`` writes the
@@ -23,16 +28,30 @@ app/modeling/attention_metadata.py for how sequences are batched and why).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from app.modeling.attention_metadata import DecodeBatch, PagedDecode, PrefillChunk, StepInput
+from app.modeling.attention_metadata import (
+    PAGED_CHUNK_MAX_TOKENS,
+    DecodeBatch,
+    PagedDecode,
+    PrefillChunk,
+    StepInput,
+)
+from app.modeling.batch_invariant import (
+    PAGED_ALL_CHUNKS,
+    BatchInvariant,
+    resolve_batch_invariant,
+    row_invariant_linears,
+)
 from app.modeling.kv_cache import KVCache, Workspace
 from app.modeling.linear import GPT2Linears, LinearBackend, Quantize, build_linears
 from app.modeling.native import (
@@ -41,6 +60,30 @@ from app.modeling.native import (
     paged_decode_attention,
     resolve_native_kernels,
 )
+from app.modeling.paged_attention_op import paged_decode_attention as triton_paged_attention
+from app.modeling.paged_attention_op import triton_available
+
+DecodeKernel = Literal["native", "triton"]
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+logger = logging.getLogger("kogpt.native")
+
+
+def resolve_decode_kernel(
+    native_kernels: NativeKernels, device: torch.device, dtype: torch.dtype, uses_native: bool
+) -> DecodeKernel | None:
+    """The kernel that attends decode rows in place: the C one on a float32 CPU, the Triton
+    one (torch.ops.kogpt.paged_decode_attention) on CUDA where triton imports, unless
+    native_kernels=off; None: gather the blocks and run SDPA."""
+    if uses_native:
+        return "native"
+    if device.type != "cuda" or native_kernels == "off" or dtype not in _TRITON_DTYPES:
+        return None
+    ok, why = triton_available()
+    if not ok:
+        logger.warning("Triton decode attention off (gather + SDPA on %s): %s", device, why)
+        return None
+    return "triton"
+
 
 _GELU_C = 2.0 * math.sqrt(2.0 / math.pi)
 
@@ -50,6 +93,19 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
     y = x * x
     y.mul_(0.044715 * _GELU_C).add_(_GELU_C).mul_(x)  # 2 sqrt(2/pi) (x + 0.044715 x^3)
     return y.sigmoid_().mul_(x)
+
+
+def _row_by_row(
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``act`` applied to one row at a time (batch-invariant mode): torch's elementwise
+    loops split a whole [T, n] tensor into threads' ranges and vector tails at offsets that
+    follow T, and a transcendental's scalar tail may round differently from its vector body."""
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([act(row) for row in x]) if x.shape[0] else act(x)
+
+    return apply
 
 
 @dataclass
@@ -66,8 +122,11 @@ class _DecodeView:
 @dataclass
 class _PrefillView:
     chunk: PrefillChunk
-    q: torch.Tensor  # [H, n, hd] view of the qkv buffer
-    k: torch.Tensor  # [H, ctx, hd]: fresh k (start_pos 0) or a view of k_buf
+    # 4-D [1, H, n, hd] views: SDPA's flash and memory-efficient kernels (CUDA) and its CPU
+    # flash kernel take only 4-D inputs; 3-D ones fall back to the math path (a full score
+    # matrix; measured ~8x slower for a 512-token chunk on the 2-core CPU).
+    q: torch.Tensor  # [1, H, n, hd] view of the qkv buffer
+    k: torch.Tensor  # [1, H, ctx, hd]: fresh k (start_pos 0) or a view of k_buf
     v: torch.Tensor
     k_buf: torch.Tensor | None  # [nb, B * H * hd] gather target when the chunk has a past
     v_buf: torch.Tensor | None
@@ -99,6 +158,7 @@ class PagedGPT2(nn.Module):
         linear_backend: LinearBackend = "auto",
         quantize: Quantize = "none",
         native_kernels: NativeKernels = "auto",
+        batch_invariant: BatchInvariant = "off",
     ) -> None:
         super().__init__()
         config = model.config
@@ -139,6 +199,11 @@ class PagedGPT2(nn.Module):
         # app/modeling/native.py), resolved per device and dtype like the matmuls.
         self.native_kernels = native_kernels
         self._native_resolved: tuple[tuple, bool] | None = None
+        self._decode_kernel_resolved: tuple[tuple, DecodeKernel | None] | None = None
+        # Batch-invariant mode (app/modeling/batch_invariant.py): row-invariant matmuls and
+        # every token's attention as one native kernel row; resolved per device and dtype.
+        self.batch_invariant = batch_invariant
+        self._invariant_resolved: tuple[tuple, bool] | None = None
 
     @classmethod
     def from_hf(
@@ -147,8 +212,26 @@ class PagedGPT2(nn.Module):
         linear_backend: LinearBackend = "auto",
         quantize: Quantize = "none",
         native_kernels: NativeKernels = "auto",
+        batch_invariant: BatchInvariant = "off",
     ) -> PagedGPT2:
-        return cls(model, linear_backend, quantize, native_kernels).eval()
+        return cls(model, linear_backend, quantize, native_kernels, batch_invariant).eval()
+
+    def is_batch_invariant(self) -> bool:
+        """Whether steps run batch-invariant for the weights' current device and dtype
+        (ValueError when batch_invariant=on cannot run there)."""
+        key = (self.device, self.dtype)
+        if self._invariant_resolved is None or self._invariant_resolved[0] != key:
+            chosen = resolve_batch_invariant(
+                self.batch_invariant, self.device, self.dtype, self.quantize, self.uses_native()
+            )
+            self._invariant_resolved = (key, chosen)
+        return self._invariant_resolved[1]
+
+    @property
+    def paged_chunk_tokens(self) -> int:
+        """Longest chunk whose tokens build_step_input hands to the paged kernel row by row:
+        every chunk in batch-invariant mode (SDPA's tiling would follow the chunk length)."""
+        return PAGED_ALL_CHUNKS if self.is_batch_invariant() else PAGED_CHUNK_MAX_TOKENS
 
     def uses_native(self) -> bool:
         """Whether the C kernels run for the weights' current device and dtype (ValueError
@@ -159,10 +242,22 @@ class PagedGPT2(nn.Module):
             self._native_resolved = (key, chosen)
         return self._native_resolved[1]
 
+    def decode_kernel(self) -> DecodeKernel | None:
+        """The kernel that reads decode rows' K/V blocks in place for the weights' current
+        device and dtype: "native" (C, float32 CPU), "triton" (CUDA), or None (gather +
+        SDPA)."""
+        key = (self.device, self.dtype)
+        if self._decode_kernel_resolved is None or self._decode_kernel_resolved[0] != key:
+            chosen = resolve_decode_kernel(
+                self.native_kernels, self.device, self.dtype, self.uses_native()
+            )
+            self._decode_kernel_resolved = (key, chosen)
+        return self._decode_kernel_resolved[1]
+
     @property
     def paged_decode(self) -> bool:
         """Whether steps for this model are built with ``paged_decode=True``."""
-        return self.uses_native()
+        return self.decode_kernel() is not None
 
     def linears(self) -> GPT2Linears:
         """The matmuls (app/modeling/linear.py), built on first use and again whenever the
@@ -172,6 +267,10 @@ class PagedGPT2(nn.Module):
             self._linears = build_linears(
                 self.h, self.lm_head, self.linear_backend, self.device, self.dtype, self.quantize
             )
+            if self.is_batch_invariant():
+                self._linears = row_invariant_linears(
+                    self._linears, self.h, self.lm_head, self.dtype
+                )
             self._linears_key = key
         return self._linears
 
@@ -186,6 +285,13 @@ class PagedGPT2(nn.Module):
     @torch.inference_mode()
     def forward(self, step: StepInput, kv_cache: KVCache) -> torch.Tensor:
         """Logits [len(step.logits_indices), vocab] in the model's dtype."""
+        # ln_f and the LM head (the largest matmul) only for rows whose logits are used.
+        return self.head(self.forward_hidden(step, kv_cache).index_select(0, step.logits_indices))
+
+    @torch.inference_mode()
+    def forward_hidden(self, step: StepInput, kv_cache: KVCache) -> torch.Tensor:
+        """The last block's hidden states [T, n_embd] of every row (before ln_f): the caller
+        runs ``head`` on the rows it needs (prompt log-probs: model_runner.py)."""
         if kv_cache.block_size != step.block_size:
             raise ValueError(f"cache block_size {kv_cache.block_size} != step {step.block_size}")
         if kv_cache.dtype != self.dtype:
@@ -193,7 +299,14 @@ class PagedGPT2(nn.Module):
         if step.max_position >= self.n_positions:
             raise ValueError(f"position {step.max_position} >= n_positions {self.n_positions}")
         if step.paged_decode is not None and not self.paged_decode:
-            raise ValueError("a paged_decode step needs the native kernels")
+            raise ValueError(
+                "a paged_decode step needs the native kernels (C on CPU, Triton on CUDA)"
+            )
+        if (step.decode or step.prefills) and self.is_batch_invariant():
+            raise ValueError(
+                "a batch-invariant model attends every token with the paged kernel: build the "
+                "step with paged_decode=True, paged_chunk_tokens=model.paged_chunk_tokens"
+            )
 
         plan = self.plan(step)
         hidden = self.run_layers(
@@ -202,8 +315,7 @@ class PagedGPT2(nn.Module):
             plan.out,
             lambda i: self.attention(plan, kv_cache.keys[i], kv_cache.values[i], step),
         )
-        # ln_f and the LM head (the largest matmul) only for rows whose logits are used.
-        return self.head(hidden.index_select(0, step.logits_indices))
+        return hidden
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.wte.weight) + F.embedding(positions, self.wpe.weight)
@@ -220,6 +332,8 @@ class PagedGPT2(nn.Module):
         Shared by this forward and the fixed-shape decode (app/modeling/static_decode.py)."""
         T, E = hidden.shape
         act = gelu_new_ if self.act is gelu_new and self.uses_native() else self.act
+        if act is not gelu_new_ and self.is_batch_invariant():
+            act = _row_by_row(act)
         for i, (block, lin) in enumerate(zip(self.h, self.linears().blocks, strict=True)):
             x = F.layer_norm(hidden, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
             lin.qkv(x, out=qkv)  # the caller's views of qkv are this layer's q/k/v
@@ -283,14 +397,14 @@ class PagedGPT2(nn.Module):
             pk_all = self._ws.get("pk", (max(past), row), dt, dev)
             pv_all = self._ws.get("pv", (max(past), row), dt, dev)
         for p in step.prefills:
-            qp = q[p.start : p.end].transpose(0, 1)  # [H, n, hd]
+            qp = q[p.start : p.end].transpose(0, 1)[None]  # [1, H, n, hd]
             if p.ctx_blocks is None:  # fresh prompt chunk: its own k/v are the whole context
                 prefill.append(
                     _PrefillView(
                         p,
                         qp,
-                        k[p.start : p.end].transpose(0, 1),
-                        v[p.start : p.end].transpose(0, 1),
+                        k[p.start : p.end].transpose(0, 1)[None],
+                        v[p.start : p.end].transpose(0, 1)[None],
                         None,
                         None,
                         None,
@@ -303,8 +417,8 @@ class PagedGPT2(nn.Module):
                     _PrefillView(
                         p,
                         qp,
-                        kb.view(nb * B, H, hd)[: p.ctx_len].transpose(0, 1),
-                        vb.view(nb * B, H, hd)[: p.ctx_len].transpose(0, 1),
+                        kb.view(nb * B, H, hd)[: p.ctx_len].transpose(0, 1)[None],
+                        vb.view(nb * B, H, hd)[: p.ctx_len].transpose(0, 1)[None],
                         kb,
                         vb,
                         self._additive(p.mask),
@@ -329,10 +443,16 @@ class PagedGPT2(nn.Module):
         out = plan.out
         if plan.paged is not None:
             pd = plan.paged
-            paged_decode_attention(
-                plan.q, k_cache, v_cache, pd.block_tables, pd.context_lens, pd.rows, out,
-                B, pd.max_context, self.scale,
-            )  # fmt: skip
+            if self.decode_kernel() == "triton":
+                triton_paged_attention(
+                    plan.q, k_cache, v_cache, pd.block_tables, pd.context_lens, pd.rows, out,
+                    B, pd.max_context, self.scale,
+                )  # fmt: skip
+            else:
+                paged_decode_attention(
+                    plan.q, k_cache, v_cache, pd.block_tables, pd.context_lens, pd.rows, out,
+                    B, pd.max_context, self.scale,
+                )  # fmt: skip
         for d in plan.decode:
             b = d.batch
             torch.index_select(k_blocks, 0, b.blocks, out=d.k_buf)
@@ -353,4 +473,4 @@ class PagedGPT2(nn.Module):
                 o = F.scaled_dot_product_attention(
                     p.q, p.k, p.v, attn_mask=p.mask, scale=self.scale
                 )
-            out[p.chunk.start : p.chunk.end] = o.transpose(0, 1)
+            out[p.chunk.start : p.chunk.end] = o[0].transpose(0, 1)

@@ -29,6 +29,11 @@ instead of 0.15%, mean |d log p| 0.046 instead of 0.049 nats. So the head is qua
 as CTranslate2's int8 does.
 
 ``resolve_linear_backend("auto", ...)`` picks mkldnn where it applies, aten elsewhere.
+
+oneDNN and MKL choose their blocking from the call's shape, so a row's bits can depend on how
+many rows share the call (here: a 1-row call of the 3072 -> 768 projection). In
+batch-invariant mode each of these linears is wrapped by app/modeling/batch_invariant.py's
+``RowInvariantLinear`` (call sizes kept in a probed range, or fixed tiles).
 """
 
 from __future__ import annotations

@@ -3,15 +3,21 @@
 A CUDA graph replays recorded kernels on recorded addresses, so everything a step reads must
 sit in buffers allocated once, and every shape must be known when the graph is captured.
 This module gives such a step. When every scheduled sequence computes exactly one token, the
-batch is padded to a size of ``batch_ladder`` and the context to a number of blocks of
-``context_buckets``; the step's ints are copied into ``DecodeBuffers`` (the only per-step host
-work) and ``decode_forward`` runs fixed-shape ops only:
+batch is padded to a size of ``batch_ladder``; the step's ints are copied into
+``DecodeBuffers`` (the only per-step host work) and ``decode_forward`` runs fixed-shape ops
+only:
 
 - the new K/V are written with ``index_copy_`` to the slot mapping;
-- every row's ``num_blocks`` blocks are gathered whole (``index_select`` into a static
-  buffer); table entries past a sequence's last block name the scratch block;
-- an additive mask is computed inside from the context lengths (key position < length), and
-  one SDPA call attends the whole batch;
+- attention, one of two ways:
+  - paged (CUDA with the Triton kernel, ``torch.ops.kogpt.paged_decode_attention``): the
+    kernel reads every row's blocks in place, as many positions as the row's context length,
+    which it reads from the static buffer. Every table is as wide as the longest context
+    (one "bucket"), so there is one shape, and one graph, per batch size;
+  - gather (elsewhere): the context is padded to a number of blocks of ``context_buckets``;
+    every row's blocks are gathered whole (``index_select`` into a static buffer), an
+    additive mask is computed inside from the context lengths (key position < length), and
+    one SDPA call attends the whole batch;
+  table entries past a sequence's last block name the scratch block;
 - ln_f and the LM head run on every row; the caller drops the padding rows' logits.
 
 The scratch block is one KV block past the pool the block manager hands out. Padding rows
@@ -35,6 +41,7 @@ import torch.nn.functional as F
 
 from app.modeling.gpt2 import PagedGPT2
 from app.modeling.kv_cache import KVCache
+from app.modeling.paged_attention_op import paged_decode_attention as triton_paged_attention
 
 # vLLM's default largest captured batch: steps with more sequences run the varlen forward.
 BATCH_LADDER_LIMIT = 512
@@ -127,10 +134,13 @@ class DecodeBuffers:
         max_blocks: int,
         block_size: int,
         scratch_block: int,
+        paged: bool = False,
     ) -> None:
+        """``paged``: attention by the in-place kernel (no gather buffers)."""
         dev, dt = model.device, model.dtype
         self.max_batch, self.max_blocks = max_batch, max_blocks
         self.block_size, self.scratch_block = block_size, scratch_block
+        self.paged = paged
         self.ints = torch.zeros(
             4 * max_batch + max_batch * max_blocks, dtype=torch.long, device=dev
         )
@@ -139,8 +149,9 @@ class DecodeBuffers:
         self.block_ids = self.ints[4 * max_batch :]
         self.key_positions = torch.arange(max_blocks * block_size, device=dev)
         row = block_size * model.n_embd  # one block of one layer's keys (B * H * hd)
-        self.k_gather = torch.empty(max_batch * max_blocks, row, dtype=dt, device=dev)
-        self.v_gather = torch.empty(max_batch * max_blocks, row, dtype=dt, device=dev)
+        gathered = 0 if paged else max_batch * max_blocks
+        self.k_gather = torch.empty(gathered, row, dtype=dt, device=dev)
+        self.v_gather = torch.empty(gathered, row, dtype=dt, device=dev)
         self.logits = torch.empty(max_batch, model.config.vocab_size, dtype=dt, device=dev)
         self.fill([], DecodeShape(max_batch, max_blocks))  # all padding: capture-safe inputs
 
@@ -183,26 +194,41 @@ def decode_forward(
     keys_per_row = nb * B
     slots = bufs.slot_mapping[:bs]
     blocks = bufs.block_ids[: bs * nb]
-    k_buf, v_buf = bufs.k_gather[: bs * nb], bufs.v_gather[: bs * nb]
-    keys = k_buf.view(bs, keys_per_row, H, hd).transpose(1, 2)  # strided view: no copy
-    values = v_buf.view(bs, keys_per_row, H, hd).transpose(1, 2)
-    visible = bufs.key_positions[:keys_per_row][None, :] < bufs.context_lens[:bs, None]
-    mask = torch.zeros(bs, keys_per_row, dtype=model.dtype, device=model.device)
-    mask = mask.masked_fill_(~visible, float("-inf"))[:, None, None, :]
 
     qkv = torch.empty(bs, 3 * E, dtype=model.dtype, device=model.device)
     q, k_new, v_new = (t.view(bs, H, hd) for t in qkv.split(E, dim=1))
-    query = q.unsqueeze(2)  # [bs, H, 1, hd]
     out = torch.empty(bs, H, hd, dtype=model.dtype, device=model.device)
 
-    def attend(i: int) -> None:
-        k_cache, v_cache = kv.keys[i], kv.values[i]
-        k_cache.index_copy_(0, slots, k_new)
-        v_cache.index_copy_(0, slots, v_new)
-        torch.index_select(k_cache.view(-1, B * H * hd), 0, blocks, out=k_buf)
-        torch.index_select(v_cache.view(-1, B * H * hd), 0, blocks, out=v_buf)
-        o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=model.scale)
-        out.copy_(o.squeeze(2))
+    if bufs.paged:
+        tables, context_lens = blocks.view(bs, nb), bufs.context_lens[:bs]
+
+        def attend(i: int) -> None:
+            k_cache, v_cache = kv.keys[i], kv.values[i]
+            k_cache.index_copy_(0, slots, k_new)
+            v_cache.index_copy_(0, slots, v_new)
+            triton_paged_attention(
+                q, k_cache, v_cache, tables, context_lens, None, out, B, keys_per_row, model.scale
+            )
+
+    else:
+        k_buf, v_buf = bufs.k_gather[: bs * nb], bufs.v_gather[: bs * nb]
+        keys = k_buf.view(bs, keys_per_row, H, hd).transpose(1, 2)  # strided view: no copy
+        values = v_buf.view(bs, keys_per_row, H, hd).transpose(1, 2)
+        visible = bufs.key_positions[:keys_per_row][None, :] < bufs.context_lens[:bs, None]
+        mask = torch.zeros(bs, keys_per_row, dtype=model.dtype, device=model.device)
+        mask = mask.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        query = q.unsqueeze(2)  # [bs, H, 1, hd]
+
+        def attend(i: int) -> None:
+            k_cache, v_cache = kv.keys[i], kv.values[i]
+            k_cache.index_copy_(0, slots, k_new)
+            v_cache.index_copy_(0, slots, v_new)
+            torch.index_select(k_cache.view(-1, B * H * hd), 0, blocks, out=k_buf)
+            torch.index_select(v_cache.view(-1, B * H * hd), 0, blocks, out=v_buf)
+            o = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, scale=model.scale
+            )
+            out.copy_(o.squeeze(2))
 
     hidden = model.embed(bufs.input_ids[:bs], bufs.positions[:bs])
     hidden = model.run_layers(hidden, qkv, out, attend)

@@ -3,7 +3,9 @@
 Same prompts, same run, greedy, fixed output length. For each concurrency it measures:
 - this engine (continuous batching over the paged KV cache), the same on torch ops only
   (no native kernels: gather + SDPA decode attention), and the same with
-  quantize=int8 (dynamic int8 matmuls, side by side with CTranslate2 int8);
+  quantize=int8 (dynamic int8 matmuls, side by side with CTranslate2 int8), and the same
+  with batch-invariant mode the other way round from --batch-invariant (default auto: on
+  for float32 CPU), whose cost is printed (app/modeling/batch_invariant.py);
 - transformers `generate` one request at a time (sequential);
 - transformers `generate` on one static, left-padded batch;
 - transformers continuous batching (`generate_batch`);
@@ -28,6 +30,7 @@ import torch
 from transformers import GenerationConfig, GPT2LMHeadModel
 
 from app.engine.engine import EngineConfig, LLMEngine
+from app.modeling.batch_invariant import BatchInvariant
 from app.modeling.linear import LinearBackend, Quantize, build_linears
 from app.modeling.loader import load_model
 from app.modeling.native import NativeKernels
@@ -53,6 +56,7 @@ def bench_engine(
     linear_backend: LinearBackend = "auto",
     quantize: Quantize = "none",
     native_kernels: NativeKernels = "auto",
+    batch_invariant: BatchInvariant = "auto",
 ) -> dict[str, float]:
     """Throughput of our engine; `token_ids`, when given, receives each request's output
     (emptied first: a repeated run replaces, not extends, what an earlier one wrote)."""
@@ -71,6 +75,7 @@ def bench_engine(
             linear_backend=linear_backend,
             quantize=quantize,
             native_kernels=native_kernels,
+            batch_invariant=batch_invariant,
         ),
     )
     for i, prompt in enumerate(prompts):
@@ -91,7 +96,13 @@ def bench_engine(
                 token_ids.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    return {"tokens": generated, "seconds": elapsed, "tok_s": generated / elapsed}
+    invariant = float(engine.runner.model.is_batch_invariant())
+    return {
+        "tokens": generated,
+        "seconds": elapsed,
+        "tok_s": generated / elapsed,
+        "batch_invariant": invariant,
+    }
 
 
 def _no_eos_config(new_tokens: int) -> GenerationConfig:
@@ -221,8 +232,20 @@ def head_to_head_runs(
             args.new_tokens,
             token_ids=ours_ids,
             linear_backend=args.linear_backend,
+            batch_invariant=args.batch_invariant,
         )
     }
+    if "batch-invariant" not in skip:
+        # The same engine with batch-invariant mode the other way round: the mode's cost.
+        other = "off" if args.batch_invariant != "off" else "on"
+        runs[f"kogpt-serve (batch-invariant {other})"] = lambda: bench_engine(
+            model,
+            loaded.tokenizer,
+            prompts,
+            args.new_tokens,
+            linear_backend=args.linear_backend,
+            batch_invariant=other,
+        )
     if "aten" not in skip and args.linear_backend != "aten":
         # The same engine on torch's own matmuls: what the prepacked backend buys.
         runs["kogpt-serve (aten matmuls)"] = lambda: bench_engine(
@@ -288,7 +311,8 @@ def main() -> None:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma list of: sequential,static,continuous,bound,options,ct2,aten,int8,no-native",
+        help="comma list of: sequential,static,continuous,bound,options,ct2,aten,int8,no-native,"
+        "batch-invariant",
     )
     parser.add_argument(
         "--rounds",
@@ -301,6 +325,13 @@ def main() -> None:
         default="auto",
         choices=["auto", "aten", "mkldnn"],
         help="the engine's matmul backend (app/modeling/linear.py); the bound uses the same",
+    )
+    parser.add_argument(
+        "--batch-invariant",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="the engine's batch-invariant mode (app/modeling/batch_invariant.py); a second "
+        "row runs it the other way round and the cost of the mode is printed",
     )
     parser.add_argument(
         "--agreement-prompts",
@@ -356,6 +387,11 @@ def main() -> None:
                 if name not in systems or stats["tok_s"] > systems[name]["tok_s"]:
                     systems[name] = stats
         extra: dict[str, Any] = {"rounds": args.rounds}
+        # ours as configured and the batch-invariant row (the other mode), side by side
+        pair = [s for name, s in systems.items() if name.startswith("kogpt-serve (batch-inv")]
+        modes = {bool(s["batch_invariant"]): s["tok_s"] for s in [systems["kogpt-serve"], *pair]}
+        if len(modes) == 2:  # share of throughput lost to batch-invariant mode
+            extra["batch_invariant_cost"] = 1 - modes[True] / modes[False]
         if "float32" in ct2_ids:
             n = args.agreement_prompts
             ours_first = [ours_ids[f"r{i}"] for i in range(min(n, len(prompts)))]
@@ -386,6 +422,12 @@ def main() -> None:
             print(f"  {name:34s} {s['tok_s']:9.1f} tok/s  ({s['seconds']:.2f} s)")
         for name, r in ratios.items():
             print(f"  kogpt-serve / {name:28s} {r:6.2f}x")
+        if "batch_invariant_cost" in extra:
+            cost = extra["batch_invariant_cost"]
+            print(
+                f"  batch-invariant mode: {1 - cost:.2f}x the throughput without it "
+                f"(costs {cost:.1%})"
+            )
         if "greedy_agreement_ours_vs_ct2_float32" in extra:
             agree = extra["greedy_agreement_ours_vs_ct2_float32"]
             print(

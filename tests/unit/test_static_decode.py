@@ -17,12 +17,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from app.engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.model_runner import ModelRunner
+from app.modeling import gpt2
 from app.modeling.attention_metadata import SeqChunk, build_step_input
 from app.modeling.cuda_graphs import DecodeGraphs
 from app.modeling.gpt2 import PagedGPT2
 from app.modeling.kv_cache import KVCache
 from app.modeling.static_decode import DecodeShape, batch_ladder, context_buckets
 from tests.unit.test_engine import PROMPTS, run_all
+from tests.unit.triton_interpret import needs_interpreter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -199,3 +201,109 @@ def test_engine_tokens_equal_with_and_without_padded_decode(tiny_model, tiny_tok
         assert engine.spec.num_draft_tokens > 0
     assert results[True] == results[False]
     assert all(len(tokens) > 0 for tokens in results[True].values())
+
+
+# -- the Triton paged attention (CUDA's decode attention), through Triton's interpreter ------
+
+
+@pytest.fixture
+def triton_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models resolve the Triton kernel on CPU, as on CUDA (its kernels run interpreted),
+    unless native_kernels=off: the torch-only path to compare with."""
+    needs_interpreter()
+
+    def resolve(native_kernels: str, *args: object) -> str | None:
+        return None if native_kernels == "off" else "triton"
+
+    monkeypatch.setattr(gpt2, "resolve_decode_kernel", resolve)
+
+
+@pytest.mark.usefixtures("triton_decode")
+@pytest.mark.parametrize(("n", "seed"), [(1, 0), (7, 2), (16, 4)])
+def test_paged_decode_with_the_triton_kernel_equals_the_torch_forward(
+    model: GPT2LMHeadModel, n: int, seed: int
+) -> None:
+    """One context bucket (graphs per batch size only), no gather buffers; logits equal the
+    gather + SDPA varlen forward's, and only the new tokens' slots and the scratch block
+    are written."""
+    paged = PagedGPT2.from_hf(model)
+    assert paged.decode_kernel() == "triton"
+    torch_path = PagedGPT2.from_hf(model, native_kernels="off")
+    assert torch_path.decode_kernel() is None
+    seqs = random_decodes(random.Random(seed), n, sample_all=seed != 2)
+    before = random_cache(model, seed)
+    eager_kv, padded_kv = clone(before), clone(before)
+    graphs = DecodeGraphs(paged, padded_kv, max_num_seqs=16, scratch_block=SCRATCH)
+    assert graphs.paged_attention and graphs.context_blocks == [N_POSITIONS // BLOCK]
+    assert graphs.shapes == [DecodeShape(bs, N_POSITIONS // BLOCK) for bs in (16, 8, 4, 2, 1)]
+    assert graphs.buffers.k_gather.numel() == 0
+    shape = graphs.shape_for(seqs)
+    assert shape is not None
+    expected = torch_path(build_step_input(seqs, BLOCK), eager_kv)
+    got = graphs.run(shape, graphs.prepare(seqs, shape))
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-12
+    slots = torch.tensor(written_slots(seqs))
+    scratch = slice(SCRATCH * BLOCK, (SCRATCH + 1) * BLOCK)
+    for new, old, ref in zip(
+        (*padded_kv.keys, *padded_kv.values),
+        (*before.keys, *before.values),
+        (*eager_kv.keys, *eager_kv.values),
+        strict=True,
+    ):
+        assert (new[slots] - ref[slots]).abs().max().item() < 1e-12
+        untouched = torch.ones(new.shape[0], dtype=torch.bool)
+        untouched[slots] = False
+        untouched[scratch] = False
+        assert torch.equal(new[untouched], old[untouched])
+
+
+@pytest.mark.usefixtures("triton_decode")
+def test_varlen_forward_with_the_triton_kernel_equals_the_torch_forward(
+    model: GPT2LMHeadModel,
+) -> None:
+    """A mixed step (decodes, a short continued chunk and a long one, a fresh prompt): the
+    Triton kernel takes the single tokens and short chunks row by row (paged_decode)."""
+    paged = PagedGPT2.from_hf(model)
+    assert paged.paged_decode
+    rng = random.Random(11)
+    decodes = random_decodes(rng, 5)
+    used = {b for s in decodes for b in s.block_table}
+    free = [b for b in range(NUM_BLOCKS) if b not in used]
+    seqs = [
+        *decodes,
+        SeqChunk([3, 4, 5], 9, free[:3]),  # a short chunk after 9 cached tokens
+        SeqChunk(list(range(20, 90)), 30, free[3:28]),  # 70 tokens: SDPA
+        SeqChunk([7, 8, 9, 10], 0, free[28:29]),  # a fresh prompt
+    ]
+    before = random_cache(model, 11)
+    kv_triton, kv_torch = clone(before), clone(before)
+    step = build_step_input(seqs, BLOCK, paged_decode=True)
+    assert step.paged_decode is not None and len(step.prefills) == 1
+    got = paged(step, kv_triton)
+    torch_path = PagedGPT2.from_hf(model, native_kernels="off")
+    expected = torch_path(build_step_input(seqs, BLOCK), kv_torch)
+    assert (got - expected).abs().max().item() < 1e-12
+
+
+@pytest.mark.usefixtures("triton_decode")
+def test_engine_tokens_equal_with_the_triton_kernel(tiny_model, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The CUDA configuration on CPU: every decode through the padded step with the Triton
+    kernel (one graph shape per batch size), other steps' single tokens and short chunks
+    through it too; tokens equal those of the torch-only engine."""
+    prompts = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
+    # JOBS, shorter: the interpreter runs every kernel program in Python.
+    short = [{**job, "max_new_tokens": 5} for job in JOBS]
+    jobs = list(zip([*prompts, prompts[2]], short, strict=True))
+    config = EngineConfig(num_blocks=128, block_size=4, max_num_batched_tokens=16)
+    config.static_decode = True
+    engine = LLMEngine(tiny_model, tiny_tokenizer, config)
+    graphs = engine.runner.decode_graphs
+    assert graphs is not None and graphs.paged_attention and len(graphs.context_blocks) == 1
+    with_triton = run_all(engine, jobs)
+    assert graphs.num_padded_steps > 0
+    config = EngineConfig(num_blocks=128, block_size=4, max_num_batched_tokens=16)
+    config.native_kernels = "off"
+    plain = LLMEngine(tiny_model, tiny_tokenizer, config)
+    assert not plain.runner.model.paged_decode
+    assert with_triton == run_all(plain, jobs)

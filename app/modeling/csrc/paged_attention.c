@@ -15,6 +15,12 @@
  *
  * The softmax is exact (max, exp, sum over the whole context, then one weighted sum of V),
  * with the vectorizable exp of fast_exp.h. Results differ from SDPA by float32 rounding only.
+ *
+ * Batch invariance (app/modeling/batch_invariant.py): a row's result depends only on its
+ * query, its context length and the K/V of that context, never on the other rows, their
+ * number or how work is split between threads (per sequence or per (sequence, head): each
+ * head's sums run the same code either way). Batch-invariant mode attends every token,
+ * prefill or decode, through this kernel; keep any change to it row-local.
  */
 #include <math.h>
 #include <stdint.h>
