@@ -77,8 +77,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def uvicorn_limits(settings: Settings) -> dict[str, Any]:
-    """The HTTP server's own limits from the settings (the CLI and the tests' servers)."""
-    return {"limit_concurrency": settings.max_connections}
+    """The HTTP server's own limits from the settings (the CLI and the tests' servers): the
+    connection cap, and h11 with a header-read deadline (app/api/http_protocol.py)."""
+    from app.api.http_protocol import with_header_timeout
+
+    return {
+        "limit_concurrency": settings.max_connections,
+        "http": with_header_timeout(settings.header_read_timeout_seconds),
+    }
 
 
 def _exit_zero(signum: int, frame: types.FrameType | None) -> None:

@@ -3,8 +3,9 @@ disconnects pass through untouched).
 
 In order: request id (X-Request-ID, taken from the client or made up), API key check
 (401, constant-time compare), body size limit (413, before the app reads anything) and a
-body read deadline (408), a lone
-UTF-16 surrogate in the JSON (422, body_checks.py), then the app; afterwards the HTTP
+body read deadline (408), a lone UTF-16 surrogate in the JSON (422, body_checks.py), a
+/v1/completions prompt list longer than --max-request-sequences (a body over 64 KiB is
+scanned in a worker thread before anything parses it), then the app; afterwards the HTTP
 metrics (count by endpoint and status, latency) and one structured access-log line. Errors
 are rendered in the route's error shape (errors.py).
 """
@@ -22,8 +23,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.body_checks import lone_surrogate_field, surrogate_error
-from app.api.errors import APIError, error_bytes
+from app.api.body_checks import lone_surrogate_field, surrogate_error, too_many_prompts
+from app.api.errors import APIError, error_bytes, wire_status
 
 logger = logging.getLogger("kogpt.access")
 
@@ -31,6 +32,8 @@ PUBLIC_ALWAYS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi
 PUBLIC_PROBES = frozenset({"/health", "/ready", "/metrics"})
 # The playground page and its assets are public static files (GET only: POST / is the API).
 PUBLIC_PAGE_PREFIX = "/playground"
+# Bodies past this size are decoded and checked in a worker thread, not on the event loop.
+LARGE_BODY_BYTES = 64 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -44,8 +47,10 @@ class ApiMiddleware:
         public_probes: bool,
         metrics: Any = None,
         body_read_timeout: float | None = None,
+        max_request_sequences: int | None = None,
     ) -> None:
         self.app = app
+        self.max_request_sequences = max_request_sequences
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.body_read_timeout = body_read_timeout
@@ -77,7 +82,7 @@ class ApiMiddleware:
         try:
             rejection = None if _is_public_page(scope) else self._check_auth(path, headers)
             if rejection is None:
-                rejection, receive = await self._limit_body(headers, receive)
+                rejection, receive = await self._limit_body(headers, receive, path)
             if rejection is not None:
                 await self._reject(rejection, path, send_wrapper)
             else:
@@ -103,7 +108,7 @@ class ApiMiddleware:
         )
 
     async def _limit_body(
-        self, headers: dict[str, str], receive: Receive
+        self, headers: dict[str, str], receive: Receive, path: str
     ) -> tuple[APIError | None, Receive]:
         """Read the whole body (up to the limit) before the app runs, then replay it."""
         limit = self.max_body_bytes
@@ -136,11 +141,30 @@ class ApiMiddleware:
             if not message.get("more_body", False):
                 break
         whole = b"".join(chunks)
-        field = lone_surrogate_field(whole)
-        if field is not None:  # text no tokenizer can encode: 422 for every route at once
-            return surrogate_error(field), receive
+        if len(whole) > LARGE_BODY_BYTES:  # JSON decoding takes long: not on the event loop
+            error = await asyncio.to_thread(self._check_large_body, whole, path)
+        else:
+            error = self._check_body(whole)
+        if error is not None:
+            return error, receive
         replay = {"type": "http.request", "body": whole, "more_body": False}
         return None, _replay([replay], receive)
+
+    @staticmethod
+    def _check_body(body: bytes) -> APIError | None:
+        field = lone_surrogate_field(body)
+        if field is not None:  # text no tokenizer can encode: 422 for every route at once
+            return surrogate_error(field)
+        return None
+
+    def _check_large_body(self, body: bytes, path: str) -> APIError | None:
+        """A large body's checks, in a worker thread: a /v1/completions prompt list refused
+        by its length before anything parses it, then the surrogate check."""
+        if self.max_request_sequences is not None and path.rstrip("/") == "/v1/completions":
+            error = too_many_prompts(body, self.max_request_sequences)
+            if error is not None:
+                return error
+        return self._check_body(body)
 
     def _too_slow(self) -> APIError:
         return APIError(
@@ -160,7 +184,8 @@ class ApiMiddleware:
         headers += [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
         if err.status_code in (408, 413):  # the rest of the body is never read
             headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": err.status_code, "headers": headers})
+        status = wire_status(err, path)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     # -- after ------------------------------------------------------------------------------

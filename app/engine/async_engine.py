@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from app.engine.engine import LLMEngine
+from app.engine.memory import IdleTrimmer
 from app.engine.outputs import RequestOutput
 from app.options.params import SamplingParams
 
@@ -54,6 +55,7 @@ class AsyncEngine:
         self.draining = False
         self.error: BaseException | None = None
         self.debug_integrity_checks = False
+        self.trimmer = IdleTrimmer()
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -141,6 +143,7 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
+        self.engine.signal_abort(request_id)  # seen inside a long lane step at once
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
 
@@ -152,9 +155,11 @@ class AsyncEngine:
                 if not self.engine.has_unfinished():
                     if self.debug_integrity_checks:
                         self.engine.check_integrity()
+                    self.trimmer.idle()  # a burst's freed memory back to the OS
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
+                self.trimmer.busy()
                 self._deliver(self.engine.step())
         except BaseException as err:  # the loop itself broke: fail everyone, report unready
             logger.exception("engine loop died")

@@ -232,6 +232,75 @@ def _check_constraint_work(
         )
 
 
+def candidate_layers(dola_layers: str | list[int], num_layers: int, tied: bool) -> list[int]:
+    """4.x's choice of DoLa's premature layers. Index 0 is the embeddings' output; with tied
+    word embeddings it is skipped ("low" starts at 2, or lower for models of <= 2 layers).
+    For N <= 40 layers, "low" is range(start, N // 2, 2) and "high" range(N // 2, N, 2)."""
+    if not tied:
+        start = 0
+    elif num_layers > 2:
+        start = 2
+    elif num_layers == 2:
+        start = 1
+    else:
+        start = 0
+    if dola_layers == "low":
+        if start == num_layers // 2:
+            return [start]
+        end = num_layers // 2 if num_layers <= 40 else 20
+        return list(range(start, end, 2))
+    if dola_layers == "high":
+        first = num_layers // 2 if num_layers <= 40 else num_layers - 20
+        return list(range(first, num_layers, 2))
+    if isinstance(dola_layers, list):
+        return [i for i in dola_layers if i < num_layers]
+    raise ValueError("dola_layers must be either 'low', 'high' or a list of integers.")
+
+
+@dataclass(frozen=True)
+class MethodLimits:
+    """The most work per decoding step a class-B method may ask for (None: no limit)."""
+
+    constraint_work: int | None = None  # constraint tokens x num_beams (--max-constraint-work)
+    contrastive_work: int | None = None  # top_k x positions (--max-contrastive-work)
+    dola_work: int | None = None  # premature layers x vocab (--max-dola-work)
+
+
+def _refuse_past(field: str, work: int, what: str, limit: int | None, flag: str) -> None:
+    if limit is not None and work > limit:
+        raise ParamValidationError(
+            field, f"`{field}` asks for {what} = {work}; at most {limit} ({flag})"
+        )
+
+
+def _check_method_work(
+    method: str,
+    opts: dict[str, Any],
+    params: SamplingParams,
+    prompt_len: int,
+    num_layers: int,
+    vocab_size: int | None,
+    limits: MethodLimits,
+) -> None:
+    """Each method's work per step, priced before it reaches the engine.
+
+    Contrastive search copies the KV cache once per top_k candidate and runs a forward of
+    top_k rows every step: top_k x positions (prompt + new tokens). DoLa applies the LM head
+    to every premature layer and contrasts a vocabulary row per listed layer every step:
+    layers x vocab logits (a list may repeat a layer)."""
+    if method == CONTRASTIVE:
+        positions = params.stop_length(prompt_len)
+        work = params.top_k * max(params.num_beams, params.num_return_sequences) * positions
+        what = f"top_k {params.top_k} x {positions} positions (prompt + new tokens)"
+        _refuse_past("top_k", work, what, limits.contrastive_work, "--max-contrastive-work")
+    elif method == DOLA and vocab_size is not None:
+        layers = opts["dola_layers"]
+        chosen = list(layers) if isinstance(layers, tuple) else layers
+        count = len(candidate_layers(chosen, num_layers, tied=False))  # untied: the most
+        what = f"{count} premature layers x {vocab_size} vocabulary logits per step"
+        _refuse_past("dola_layers", count * vocab_size, what, limits.dola_work, "--max-dola-work")
+
+
 def resolve_class_b(
     options: Mapping[str, Any],
     params: SamplingParams,
@@ -240,10 +309,14 @@ def resolve_class_b(
     vocab_size: int | None = None,
     encode: Callable[[str], list[int]] | None = None,
     max_constraint_work: int | None = None,
+    prompt_len: int = 0,
+    limits: MethodLimits | None = None,
 ) -> SamplingParams:
     """`params` itself when no class-B method is asked for, else a validated ClassBParams.
     `max_constraint_work`: the most constraint tokens x beams a constrained beam search may
-    take (None: no limit)."""
+    take (None: no limit; `limits.constraint_work` when given). `limits`: every method's
+    work per step, `prompt_len` the prompt it runs on (contrastive search's positions)."""
+    limits = limits or MethodLimits(constraint_work=max_constraint_work)
     given = {k: v for k, v in options.items() if v is not None}
     unknown = set(given) - set(CLASS_B_OPTIONS)
     if unknown:
@@ -281,7 +354,8 @@ def resolve_class_b(
     method = methods[0]
     _check(method, opts, params, vocab_size)
     if method == CONSTRAINED:
-        _check_constraint_work(opts["field"], constraints, params.num_beams, max_constraint_work)
+        _check_constraint_work(opts["field"], constraints, params.num_beams, limits.constraint_work)
+    _check_method_work(method, opts, params, prompt_len, num_layers, vocab_size, limits)
     for name in ("grammar", "allowed_token_ids"):  # token constraints of the batched engine
         if getattr(params, name, None) is not None:
             raise ParamValidationError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 from tests.integration.conftest import LiveServer, start_server, stop_server
 
 CANARY = {"inputs": "대한민국은", "parameters": {"max_new_tokens": 4}}
+# A refused request: 422 (TGI), or 400 on /v1 where OpenAI answers request errors with it.
 
 
 def error(r: httpx.Response) -> dict[str, Any]:
@@ -24,44 +26,70 @@ def error(r: httpx.Response) -> dict[str, Any]:
     return body["error"] if isinstance(body["error"], dict) else body
 
 
-@pytest.fixture()
-def health_latencies(live_server: LiveServer) -> Iterator[list[float]]:
-    """GET /health every 10 ms in a thread while the test runs: its latencies."""
+def probe_health(base_url: str, stop: threading.Event, latencies: list[float]) -> None:
+    """GET /health every 10 ms until `stop`: its latencies."""
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        while not stop.is_set():
+            start = time.perf_counter()
+            assert client.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.01)
+
+
+def health_while(base_url: str, work: Any) -> list[float]:
+    """/health's latencies while `work(latencies)` runs in this thread."""
     latencies: list[float] = []
     stop = threading.Event()
-
-    def poll() -> None:
-        with httpx.Client(base_url=live_server.base_url, timeout=30) as client:
-            while not stop.is_set():
-                start = time.perf_counter()
-                assert client.get("/health").status_code == 200
-                latencies.append(time.perf_counter() - start)
-                time.sleep(0.01)
-
-    thread = threading.Thread(target=poll, daemon=True)
+    thread = threading.Thread(target=probe_health, args=(base_url, stop, latencies))
     thread.start()
-    yield latencies
-    stop.set()
-    thread.join(timeout=30)
+    try:
+        work(latencies)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    return latencies
 
 
-def test_a_huge_prompt_list_is_refused_before_encoding(
-    client: httpx.Client, live_server: LiveServer, health_latencies: list[float]
+def test_a_huge_prompt_list_is_refused_before_parsing(
+    client: httpx.Client, live_server: LiveServer
 ) -> None:
-    """150,000 one-token prompts (900 KB, under the body limit): counted before any prompt is
-    tokenized and refused (it held the event loop 38-49 s before). /health keeps answering;
-    the JSON parsing and schema validation of such a body still run on the event loop (about
-    0.05-0.3 s here), so no latency bound is asserted yet (issue #21)."""
+    """150,000 one-token prompts (900 KB, under the body limit): refused from the raw body by
+    their count, in a worker thread, before anything parses, validates or encodes them (the
+    event loop was held 38-49 s, then about a second per body in parsing and validation).
+    /health answers as fast while such bodies arrive back to back as when idle: its median
+    and 90th percentile stay under 100 ms (beside idle probes in the same run)."""
     body = {"model": live_server.state.model_name, "prompt": [[5]] * 150_000, "max_tokens": 1}
     content = json.dumps(body).encode()
-    for _ in range(3):
-        r = client.post(
-            "/v1/completions", content=content, headers={"content-type": "application/json"}
-        )
-        assert r.status_code == 422, r.text
+    headers = {"content-type": "application/json"}
+    probes = 40
+
+    def idle_wait(latencies: list[float]) -> None:
+        while len(latencies) < probes:
+            time.sleep(0.01)
+
+    replies: list[httpx.Response] = []
+
+    def send_bodies(latencies: list[float]) -> None:
+        while len(latencies) < probes or len(replies) < 3:  # back to back, one at a time
+            replies.append(client.post("/v1/completions", content=content, headers=headers))
+
+    idle = health_while(live_server.base_url, idle_wait)
+
+    loaded = health_while(live_server.base_url, send_bodies)
+    for r in replies:
+        assert r.status_code == 400, r.text  # /v1: OpenAI's 400
         assert error(r)["param"] == "prompt" and "--max-request-sequences" in error(r)["message"]
     assert client.post("/generate", json=CANARY).status_code == 200
-    assert health_latencies and max(health_latencies) < 5, sorted(health_latencies)  # no stall
+    assert len(idle) >= probes and len(loaded) >= probes, (idle, loaded)
+    summary = {  # (median, 90th percentile, max) in seconds
+        "idle": (statistics.median(idle), statistics.quantiles(idle, n=10)[-1], max(idle)),
+        "loaded": (statistics.median(loaded), statistics.quantiles(loaded, n=10)[-1], max(loaded)),
+    }
+    # The median and the 90th percentile: a body parsed on the loop (about a second each,
+    # back to back) slows most probes; one probe stalled by the OS on a busy machine is not
+    # the loop's work.
+    assert statistics.median(loaded) < 0.1, summary
+    assert statistics.quantiles(loaded, n=10)[-1] < 0.1, summary
 
 
 def test_prompts_times_n_is_priced_as_a_whole(
@@ -72,7 +100,7 @@ def test_prompts_times_n_is_priced_as_a_whole(
     model = live_server.state.model_name
     body = {"model": model, "prompt": ["대한민국은"] * 1000, "n": 256, "max_tokens": 1}
     r = client.post("/v1/completions", json=body)
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text  # /v1: OpenAI's 400
     assert "256000 sequences" in error(r)["message"] and error(r)["param"] == "prompt"
     fits = {"model": model, "prompt": ["대한민국은"] * 8, "n": 2, "max_tokens": 1}
     assert client.post("/v1/completions", json=fits).status_code == 200
@@ -121,11 +149,58 @@ def test_constrained_beam_work_is_priced(
     assert client.post("/generate", json=CANARY).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("parameters", "field", "flag"),
+    [
+        ({"dola_layers": [1] * 400}, "dola_layers", "--max-dola-work"),
+        (
+            {"penalty_alpha": 0.6, "top_k": 256, "max_new_tokens": 100},
+            "top_k",
+            "--max-contrastive-work",
+        ),
+    ],
+    ids=["dola-400-layers", "contrastive-top-k-256"],
+)
+def test_method_work_per_step_is_priced(
+    client: httpx.Client, parameters: dict[str, Any], field: str, flag: str
+) -> None:
+    """DoLa stacks a vocabulary row per listed layer (repeats included) every step;
+    contrastive search copies the KV cache once per top_k candidate every step."""
+    r = client.post("/generate", json={"inputs": "국민", "parameters": parameters})
+    assert r.status_code == 422, r.text
+    assert error(r)["field"] == field and flag in error(r)["error"]
+    small = {"dola_layers": [1, 2], "max_new_tokens": 2}
+    assert client.post("/generate", json={"inputs": "국민", "parameters": small}).status_code == 200
+
+
+def test_info_reports_the_method_limits(client: httpx.Client) -> None:
+    info = client.get("/info").json()
+    assert info["max_constraint_work"] == 2048 and info["max_contrastive_work"] == 16384
+    assert info["max_dola_work"] == 1_048_576 and info["max_request_sequences"] == 1024
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"penalty_alpha": 0.6, "top_k": 4}, {"dola_layers": "high"}],
+    ids=["contrastive", "dola"],
+)
+def test_max_time_ends_a_class_b_request_with_length(
+    client: httpx.Client, method: dict[str, Any]
+) -> None:
+    """max_time is checked inside class-B steps too; the request ends as generate ends it."""
+    parameters = {**method, "max_new_tokens": 400, "ignore_eos": True, "max_time": 0.05,
+                  "details": True}  # fmt: skip
+    r = client.post("/generate", json={"inputs": "대한민국은", "parameters": parameters})
+    assert r.status_code == 200, r.text
+    details = r.json()["details"]
+    assert details["finish_reason"] == "length" and 1 <= details["generated_tokens"] < 400
+
+
 # -- HTTP: slow bodies and the connection cap ---------------------------------------------
 @pytest.fixture(scope="module")
 def strict_server(live_server: LiveServer) -> Iterator[LiveServer]:
-    """The live server's engine behind an app with a 1 s body deadline."""
-    update = {"body_read_timeout_seconds": 1.0}
+    """The live server's engine behind an app with 1 s header and body deadlines."""
+    update = {"body_read_timeout_seconds": 1.0, "header_read_timeout_seconds": 1.0}
     live = start_server(live_server.state.settings.model_copy(update=update), live_server.state)
     yield live
     stop_server(live)
@@ -161,6 +236,51 @@ def test_a_slow_body_gets_408_and_its_socket_closed(strict_server: LiveServer) -
     assert b"--body-read-timeout-seconds" in reply
     r = httpx.post(f"{strict_server.base_url}/generate", json=CANARY, timeout=60)
     assert r.status_code == 200
+
+
+def connect(base_url: str) -> socket.socket:
+    host, port = base_url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def test_slow_headers_get_408_and_their_socket_closed(strict_server: LiveServer) -> None:
+    """A client that sends half a request line and then nothing held its socket for ever
+    (uvicorn has no header deadline)."""
+    sock = connect(strict_server.base_url)
+    try:
+        sock.sendall(b"POST /gener")
+        reply = read_all(sock)  # returns only when the server closes the connection
+    finally:
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"--header-read-timeout-seconds" in reply
+
+
+def test_a_silent_connection_is_closed(strict_server: LiveServer) -> None:
+    sock = connect(strict_server.base_url)
+    try:
+        assert read_all(sock) == b""  # closed, nothing written: no request was started
+    finally:
+        sock.close()
+
+
+def test_a_kept_alive_connections_next_request_has_the_header_deadline(
+    strict_server: LiveServer,
+) -> None:
+    """A whole request is answered; the same connection's next request, started and left
+    unfinished, is closed with a 408 (the keep-alive timer stops at its first byte)."""
+    sock = connect(strict_server.base_url)
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b"}" not in first:  # the JSON body ends the response
+            first += sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first[:200]
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        reply = read_all(sock)
+    finally:
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
 
 
 def test_past_the_connection_cap_a_503_at_once(live_server: LiveServer) -> None:

@@ -172,7 +172,9 @@ class Injector:
     def install(self, stage: str) -> None:
         engine = self.engine
         if stage == "forward":  # the batched forward fails; the engine must retry per request
-            execute = engine.runner.execute
+            # the runner's step entry point (execute_step where the runner has one)
+            name = "execute_step" if hasattr(engine.runner, "execute_step") else "execute"
+            execute = getattr(engine.runner, name)
 
             def faulty_execute(sched: Any) -> Any:
                 for item in sched.seqs:
@@ -182,7 +184,7 @@ class Injector:
                         self.fire(stage)
                 return execute(sched)
 
-            self.monkeypatch.setattr(engine.runner, "execute", faulty_execute)
+            self.monkeypatch.setattr(engine.runner, name, faulty_execute)
             return
         if stage == "sampler":  # the batched call fails; the engine must retry per request
             sample = engine.sampler.sample

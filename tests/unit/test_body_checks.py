@@ -1,5 +1,6 @@
 """app/api/body_checks.py: a lone UTF-16 surrogate anywhere in a JSON body is found and named
-by its dotted path; valid text (surrogate pairs included) never is."""
+by its dotted path; valid text (surrogate pairs included) never is. The raw scan of a body's
+`prompt` list counts what json.loads would find."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.api.body_checks import lone_surrogate_field
+from app.api.body_checks import lone_surrogate_field, prompt_list_length
 
 KEYS = st.text(alphabet="abcxyz_", min_size=1, max_size=5)
 JSON = st.recursive(
@@ -55,3 +56,38 @@ def test_an_escaped_backslash_is_not_an_escape() -> None:
     assert lone_surrogate_field(b'"\\udc00"') == "body"
     assert lone_surrogate_field(b'{"\\ud800": 1}') == "body"
     assert lone_surrogate_field(b'{"inputs": "\\ud800') is None  # not JSON: the parser's 422
+
+
+PROMPTS = st.one_of(
+    st.text(max_size=4),
+    st.lists(st.integers(0, 9), max_size=3),
+    st.lists(st.text(alphabet='ab"\\[],{}:가', max_size=4), min_size=1, max_size=3),
+    st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=3), min_size=1, max_size=4),
+    st.lists(st.one_of(st.text(max_size=3), st.lists(st.integers(), max_size=2), JSON), max_size=4),
+)
+
+
+def expected_count(doc: Any) -> int | None:
+    prompt = doc.get("prompt") if isinstance(doc, dict) else None
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    if isinstance(prompt[0], (int, float)) and not isinstance(prompt[0], bool):
+        return None  # a number first: one prompt of token ids
+    return len(prompt)
+
+
+@settings(max_examples=150)
+@given(before=st.dictionaries(KEYS, JSON, max_size=3), prompt=PROMPTS, after=JSON)
+def test_the_prompt_scan_counts_what_the_parser_finds(
+    before: dict[str, Any], prompt: Any, after: Any
+) -> None:
+    doc = {**before, "prompt": prompt, "zz": after}
+    for ensure_ascii in (True, False):
+        body = json.dumps(doc, ensure_ascii=ensure_ascii).encode()
+        assert prompt_list_length(body, 1000) == expected_count(doc), body
+
+
+def test_the_prompt_scan_stops_past_the_limit() -> None:
+    body = json.dumps({"prompt": [[5]] * 150_000}).encode()
+    assert prompt_list_length(body, 1024) == 1025
+    assert prompt_list_length(json.dumps({"a": {"prompt": [[1], [2]]}}).encode(), 9) is None

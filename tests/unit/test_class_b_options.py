@@ -13,6 +13,7 @@ from app.options.class_b import (
     DOLA,
     GROUP_BEAM,
     ClassBParams,
+    MethodLimits,
     resolve_class_b,
 )
 from app.options.params import SamplingParams
@@ -169,3 +170,41 @@ def test_token_constraints_of_the_engine_are_refused() -> None:
     with pytest.raises(ParamValidationError) as err:
         resolve_class_b({"penalty_alpha": 0.5}, base, num_layers=LAYERS)
     assert err.value.field == "allowed_token_ids"
+
+
+def priced(options: dict[str, Any], prompt_len: int, limits: MethodLimits, **params: Any) -> Any:
+    return resolve_class_b(
+        options,
+        SamplingParams(**params),
+        num_layers=LAYERS,
+        vocab_size=VOCAB,
+        prompt_len=prompt_len,
+        limits=limits,
+    )
+
+
+def test_contrastive_work_is_top_k_times_positions() -> None:
+    """Every step copies the KV cache per candidate: top_k x (prompt + new tokens)."""
+    limits = MethodLimits(contrastive_work=8 * 40)
+    fits = priced({"penalty_alpha": 0.5}, 30, limits, top_k=8, max_new_tokens=10)
+    assert isinstance(fits, ClassBParams)
+    with pytest.raises(ParamValidationError) as err:
+        priced({"penalty_alpha": 0.5}, 31, limits, top_k=8, max_new_tokens=10)
+    assert err.value.field == "top_k" and "--max-contrastive-work" in str(err.value)
+    assert "328" in str(err.value) and "320" in str(err.value)
+
+
+def test_dola_work_is_layers_times_vocab() -> None:
+    """The contrast stacks a vocabulary row per listed layer, repeats included."""
+    limits = MethodLimits(dola_work=3 * VOCAB)
+    assert isinstance(priced({"dola_layers": [1, 1, 2]}, 5, limits), ClassBParams)
+    assert isinstance(priced({"dola_layers": "low"}, 5, limits), ClassBParams)
+    with pytest.raises(ParamValidationError) as err:
+        priced({"dola_layers": [1, 1, 2, 3]}, 5, limits)
+    assert err.value.field == "dola_layers" and "--max-dola-work" in str(err.value)
+    assert "4 premature layers" in str(err.value)
+
+
+def test_no_limits_no_pricing() -> None:
+    big = priced({"dola_layers": [1] * 1000}, 5, MethodLimits())
+    assert isinstance(big, ClassBParams)

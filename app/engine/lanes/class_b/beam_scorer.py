@@ -8,6 +8,8 @@ hypothesis without it and writes eos_token_id[0] behind it when padding the outp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -164,9 +166,11 @@ class ConstrainedBeamSearchScorer:
         early_stopping: bool | str,
         num_beam_hyps_to_keep: int,
         max_length: int,
+        checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self.num_beams = num_beams
         self.constraints = constraints
+        self.checkpoint = checkpoint  # called before each beam's constraint advances
         self.num_beam_hyps_to_keep = num_beam_hyps_to_keep
         self.hyps = BeamHypotheses(num_beams, length_penalty, early_stopping, max_length)
         self.done = False
@@ -249,6 +253,8 @@ class ConstrainedBeamSearchScorer:
         new_tokens: list[torch.Tensor] = []
         new_scores: list[torch.Tensor] = []
         for seq_idx, pre_seq in enumerate(input_ids):
+            if self.checkpoint is not None:
+                self.checkpoint()
             topk_states[seq_idx].reset(full_hypotheses[seq_idx].tolist())
             advance_state = advance_states[seq_idx]
             advance_state.reset(pre_seq.tolist())

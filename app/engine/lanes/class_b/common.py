@@ -5,12 +5,17 @@ so the engine thread can run a batch step in between (runner.py advances it one 
 engine step). Token-by-token methods yield a `TokenChoice` per token;
 beam methods yield None per step and a `BeamOutcome` at the end. A generator must not hold
 a torch grad-mode context across a yield (the caller wraps every step in inference mode).
+
+Inside a step a method calls `inputs.checkpoint()` between bounded chunks of work (before
+and after a forward, per premature layer, per beam's constraint advances): it raises
+`StepInterrupted` once the client has hung up or the request's max_time has passed, so
+neither waits for the rest of a long step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +40,20 @@ class BeamOutcome:
 Step = TokenChoice | BeamOutcome | None
 StepIterator = Iterator[Step]
 
+ABORTED, DEADLINE = "aborted", "deadline"
+
+
+class StepInterrupted(Exception):
+    """Raised by a checkpoint inside a step: the request was aborted, or its max_time passed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason  # ABORTED or DEADLINE
+
+
+def never_interrupted() -> None:
+    """The checkpoint of a run nobody can interrupt (tests, benchmarks, run_method)."""
+
 
 @dataclass
 class MethodInputs:
@@ -46,6 +65,8 @@ class MethodInputs:
     stopping: StoppingCriteriaList
     generation_config: Any  # transformers GenerationConfig, resolved by generate
     generator: torch.Generator | None = None  # sampling (DoLa with do_sample)
+    # Raises StepInterrupted when the request must stop now (called between chunks of a step).
+    checkpoint: Callable[[], None] = field(default=never_interrupted)
 
     @property
     def device(self) -> torch.device:

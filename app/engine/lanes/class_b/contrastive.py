@@ -54,8 +54,10 @@ def contrastive_search(inputs: MethodInputs, penalty_alpha: float, top_k: int) -
         next_probs = nn.functional.softmax(processed, dim=-1)
         top_k_probs, top_k_ids = torch.topk(next_probs, dim=-1, k=top_k)
 
+        inputs.checkpoint()  # before the step's k-row forward, and again after it
         cache.batch_repeat_interleave(top_k)  # one cache row per candidate
         outputs = inputs.forward(top_k_ids.view(-1, 1), cache, hidden_states=True)
+        inputs.checkpoint()
         next_hidden = outputs.hidden_states[-1]  # [k, 1, H]
         logits = outputs.logits[:, -1, :].float()
         context_hidden = last_hidden_states.repeat_interleave(top_k, dim=0)

@@ -17,31 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.lanes.class_b.common import MethodInputs, StepIterator, TokenChoice
-
-
-def candidate_layers(dola_layers: str | list[int], num_layers: int, tied: bool) -> list[int]:
-    """4.x's choice of premature layers. Index 0 is the embeddings' output; with tied word
-    embeddings it is skipped ("low" starts at 2, or lower for models of <= 2 layers).
-    For N <= 40 layers, "low" is range(start, N // 2, 2) and "high" range(N // 2, N, 2)."""
-    if not tied:
-        start = 0
-    elif num_layers > 2:
-        start = 2
-    elif num_layers == 2:
-        start = 1
-    else:
-        start = 0
-    if dola_layers == "low":
-        if start == num_layers // 2:
-            return [start]
-        end = num_layers // 2 if num_layers <= 40 else 20
-        return list(range(start, end, 2))
-    if dola_layers == "high":
-        first = num_layers // 2 if num_layers <= 40 else num_layers - 20
-        return list(range(first, num_layers, 2))
-    if isinstance(dola_layers, list):
-        return [i for i in dola_layers if i < num_layers]
-    raise ValueError("dola_layers must be either 'low', 'high' or a list of integers.")
+from app.options.class_b import candidate_layers
 
 
 def relative_top_filter(
@@ -97,13 +73,16 @@ def dola_decoding(
     input_ids = inputs.prompt_tensor()
     step_input, cache = input_ids, None
     while True:
+        inputs.checkpoint()
         outputs = inputs.forward(step_input, cache, hidden_states=True)
         cache = outputs.past_key_values
         final_logits = outputs.logits[:, -1, :].float()
-        premature_logits = {
-            layer: lm_head(outputs.hidden_states[layer][:, -1, :]).to(final_logits.device)
-            for layer in layers
-        }
+        premature_logits: dict[int, torch.Tensor] = {}
+        for layer in layers:  # one LM head per premature layer: a checkpoint before each
+            inputs.checkpoint()
+            if layer not in premature_logits:
+                hidden = outputs.hidden_states[layer][:, -1, :]
+                premature_logits[layer] = lm_head(hidden).to(final_logits.device)
         del outputs
         next_token_logits, premature = select_contrast(layers, premature_logits, final_logits)
         if chosen is not None:

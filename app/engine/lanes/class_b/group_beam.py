@@ -16,8 +16,10 @@ from transformers import LogitsProcessorList, SequenceBiasLogitsProcessor
 
 from app.engine.lanes.class_b.beam_scorer import BeamSearchScorer
 from app.engine.lanes.class_b.common import (
+    DEADLINE,
     BeamOutcome,
     MethodInputs,
+    StepInterrupted,
     StepIterator,
     beam_prefill,
 )
@@ -127,6 +129,12 @@ def group_beam_search(
         if scorer.is_done or inputs.should_stop(input_ids):
             break
         yield None
+        try:
+            inputs.checkpoint()  # the beams are whole here: a deadline ends the search with them
+        except StepInterrupted as stop:
+            if stop.reason != DEADLINE:
+                raise
+            break
         outputs = inputs.forward(current_tokens[:, None], cache)
         cache, logits = outputs.past_key_values, outputs.logits[:, -1, :]
         del outputs

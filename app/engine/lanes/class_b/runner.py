@@ -18,13 +18,24 @@ through `custom_generate`, as the engine's beam search does).
 from __future__ import annotations
 
 import secrets
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from app.engine.beam_search import prepare_generation
 from app.engine.core.request import FinishReason
-from app.engine.lanes.class_b.common import BeamOutcome, MethodInputs, StepIterator, TokenChoice
+from app.engine.lanes.class_b.common import (
+    ABORTED,
+    DEADLINE,
+    BeamOutcome,
+    MethodInputs,
+    StepInterrupted,
+    StepIterator,
+    TokenChoice,
+    never_interrupted,
+)
 from app.engine.lanes.class_b.constrained_beam import constrained_beam_search
 from app.engine.lanes.class_b.constraints import build_constraint
 from app.engine.lanes.class_b.contrastive import contrastive_search
@@ -45,6 +56,7 @@ def method_inputs(
     params: ClassBParams,
     tokenizer: Any = None,
     healed: bool = False,
+    checkpoint: Callable[[], None] = never_interrupted,
 ) -> MethodInputs:
     """The model, prompt, and what `model.generate` prepares for these options."""
     kwargs = generate_kwargs(params, healed)
@@ -63,6 +75,7 @@ def method_inputs(
         prepared.stopping_criteria,
         prepared.generation_config,
         generator,
+        checkpoint,
     )
 
 
@@ -72,11 +85,12 @@ def start_method(
     params: ClassBParams,
     tokenizer: Any = None,
     healed: bool = False,
+    checkpoint: Callable[[], None] = never_interrupted,
 ) -> StepIterator:
     """The method's step iterator for one prompt (call on the model's owner thread)."""
     opts = params.class_b
     assert opts is not None
-    inputs = method_inputs(model, prompt, params, tokenizer, healed)
+    inputs = method_inputs(model, prompt, params, tokenizer, healed, checkpoint)
     if opts.method == CONTRASTIVE:
         return contrastive_search(inputs, opts.penalty_alpha, params.top_k)
     if opts.method == DOLA:
@@ -88,12 +102,23 @@ def start_method(
 
 
 class ClassBRun:
-    """One class-B request on the engine; `step()` runs one decoding step (engine thread)."""
+    """One class-B request on the engine; `step()` runs one decoding step (engine thread).
+    `aborted` says (from any thread) that the client has gone: the method's checkpoints then
+    end the step between two chunks of work, as they do once max_time has passed."""
 
-    def __init__(self, lane: LaneContext, prompt: list[int], params: ClassBParams) -> None:
+    def __init__(
+        self,
+        lane: LaneContext,
+        prompt: list[int],
+        params: ClassBParams,
+        aborted: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.lane = lane
         self.prompt = prompt
         self.params = params
+        self.aborted = aborted
+        self.deadline: float | None = None
+        self.steps_done = 0
         self.method: StepIterator | None = None
         self.tokens: list[int] = []
         self.finished = False
@@ -107,9 +132,20 @@ class ClassBRun:
         )
         self.text: SequenceText = self.out.sequence_text()
         healed = self.params.token_healing
+        if self.params.max_time is not None:  # generate's MaxTimeCriteria starts here too
+            self.deadline = time.monotonic() + self.params.max_time
         self.method = start_method(
-            self.lane.model, self.prompt, self.params, self.lane.tokenizer, healed
+            self.lane.model, self.prompt, self.params, self.lane.tokenizer, healed, self.checkpoint
         )
+
+    def checkpoint(self) -> None:
+        """Called by the method between chunks of a step: stop now if the request must."""
+        if self.aborted():
+            raise StepInterrupted(ABORTED)
+        # generate checks max_time after each step, so its first step always completes
+        past = self.deadline is not None and time.monotonic() > self.deadline
+        if past and self.steps_done > 0:
+            raise StepInterrupted(DEADLINE)
 
     @torch.inference_mode()
     def step(self) -> list[SequenceOutput]:
@@ -120,7 +156,14 @@ class ClassBRun:
             except (ValueError, TypeError) as err:
                 raise LaneRequestError(f"{type(err).__name__}: {err}") from err
         assert self.method is not None
-        step = next(self.method, _END)
+        try:
+            step = next(self.method, _END)
+        except StepInterrupted as stop:
+            if stop.reason == ABORTED:  # nobody listens: end without another output
+                self.finished = True
+                return []
+            step = _END  # max_time inside a step ends it as generate's criteria would
+        self.steps_done += 1
         if isinstance(step, TokenChoice):
             return [self._token(step)]
         if isinstance(step, BeamOutcome):
