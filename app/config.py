@@ -6,6 +6,7 @@ the environment and the README table cannot drift apart.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -32,7 +33,14 @@ class Settings(BaseSettings):
         "options).",
     )
     served_model_name: str | None = Field(
-        default=None, description="Model name reported by the API (default: the directory name)."
+        default=None,
+        description="Model name(s) the API answers to, comma-separated aliases; the first is "
+        "the name responses report (default: the directory name).",
+    )
+    strict_model_name: bool = Field(
+        default=False,
+        description="/v1: a `model` that is none of the served names is a 404 model_not_found. "
+        "Default: any name is accepted and answered by the one served model (TGI's behaviour).",
     )
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port to bind.")
@@ -51,7 +59,16 @@ class Settings(BaseSettings):
         description="C kernels for float32 on CPU (decode attention reading the paged KV "
         "blocks in place, gelu_new in one pass), compiled once with the system C compiler: "
         "auto = use them where they apply and build (torch ops otherwise, with a warning); "
-        "on = require them; off = torch ops only (block gather + SDPA attention).",
+        "on = require them; off = torch ops only (block gather + SDPA attention; on CUDA "
+        "this also turns off the Triton decode attention kernel).",
+    )
+    batch_invariant: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Batch-invariant inference (docs/reproducibility.md): a request's logits "
+        "and log-probs are bit-identical whatever else runs in its batch and however its "
+        "tokens are scheduled (matmuls in row-invariant calls, every token's attention as "
+        "one native-kernel row). auto = on where it applies (float32 on CPU with the native "
+        "kernels, no --quantize); on = require it (start-up error elsewhere); off.",
     )
     quantize: Literal["none", "int8"] = Field(
         default="none",
@@ -119,12 +136,35 @@ class Settings(BaseSettings):
         "(force_words_ids / force_words / constraints) may ask for; past it a 422 naming the "
         "field. Its work per step grows with both.",
     )
+    max_contrastive_work: int = Field(
+        default=16384,
+        ge=1,
+        description="Most top_k x positions (prompt + new tokens) one contrastive search "
+        "(penalty_alpha) may ask for: every step copies the KV cache once per top_k candidate "
+        "and runs a forward of top_k rows; past it a 422 naming top_k.",
+    )
+    max_dola_work: int = Field(
+        default=1_048_576,
+        ge=1,
+        description="Most premature layers x vocabulary logits one DoLa step (dola_layers) may "
+        "compute (the contrast stacks a vocabulary row per listed layer, repeats included); "
+        "past it a 422 naming dola_layers.",
+    )
     max_request_sequences: int = Field(
         default=1024,
         ge=1,
         description="Most sequences one HTTP request may ask for: prompts x the sequences "
         "each runs (n / best_of / num_beams, + 1 for guidance); past it a 422 naming `prompt`. "
         "The prompt count is checked before any prompt is tokenized.",
+    )
+    max_request_share: int = Field(
+        default=8,
+        ge=1,
+        description="Most sequences one HTTP request (its prompts x n / best_of / beams) has "
+        "in the engine at once while other requests are being served (and 2 s after); its "
+        "other prompts wait their turn outside the engine, so one client's largest request "
+        "cannot starve the others. Alone it may have twice this; a prompt that asks for more "
+        "sequences still runs (alone of its request). Raise it for batch throughput on GPUs.",
     )
     api_key: SecretStr | None = Field(
         default=None, description="If set, requests need `Authorization: Bearer <key>`."
@@ -147,6 +187,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Longest a client may take to send its whole request body; past it a 408 "
         "and the connection is closed (a slow-body client holds no socket for ever).",
+    )
+    header_read_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest a client may take to send a request line and its headers, from "
+        "when the connection opens (or its next request begins); past it the connection is "
+        "closed (a 408 when part of a request arrived).",
     )
     max_connections: int = Field(
         default=2048,
@@ -184,6 +231,13 @@ class Settings(BaseSettings):
         "Default: as ordinary text, so a message cannot end its turn and forge another; "
         "enable only for trusted callers.",
     )
+
+    @property
+    def served_model_names(self) -> list[str]:
+        """The API's model names: --served-model-name's aliases, else the checkpoint's directory
+        name; the first is the reported one."""
+        names = [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
+        return names or [Path(self.model).name or self.model]
 
     @field_validator("chat_template")
     @classmethod

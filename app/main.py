@@ -15,7 +15,6 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -173,7 +172,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     if state is not None and state.metrics is not None:
         metrics = state.metrics
     else:
-        name = settings.served_model_name or Path(settings.model).name or settings.model
+        name = settings.served_model_names[0]
         metrics = ServerMetrics(state.model_name if state is not None else name)
 
     @asynccontextmanager
@@ -216,6 +215,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         max_body_bytes=settings.max_body_bytes,
         body_read_timeout=settings.body_read_timeout_seconds,
+        max_request_sequences=settings.max_request_sequences,
         public_probes=settings.public_health_metrics,
         metrics=metrics,
     )

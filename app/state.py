@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +44,9 @@ class ServerState:
     # Set when the shutdown grace period is over: in-flight requests are cut (503).
     # A threading.Event: apps in other event loops may share this state.
     cutoff: threading.Event = field(default_factory=threading.Event)
+    # Sequences each HTTP request has in the engine (serving.RequestShares, created on first
+    # use; --max-request-share).
+    request_shares: Any = None
 
     @property
     def tokenizer(self) -> Any:
@@ -85,6 +87,7 @@ def build_state(settings: Settings) -> ServerState:
                 quantize=settings.quantize,
                 enforce_eager=settings.enforce_eager,
                 native_kernels=settings.native_kernels,
+                batch_invariant=settings.batch_invariant,
             ),
             draft_model=draft.model if draft else None,
         )
@@ -98,7 +101,7 @@ def build_state(settings: Settings) -> ServerState:
     n_positions = int(config.n_positions)
     max_total = min(settings.max_total_tokens or n_positions, n_positions)
     max_input = min(settings.max_input_tokens or max_total - 1, max_total - 1)
-    name = settings.served_model_name or Path(settings.model).name or settings.model
+    name = settings.served_model_names[0]
     logger.info(
         "loaded %s on %s (%s) in %.1fs; %s, %d tokens per block",
         name,
@@ -144,6 +147,8 @@ def info_dict(state: ServerState) -> dict[str, Any]:
         "dtype": str(state.loaded.dtype).removeprefix("torch."),
         "linear_backend": engine.runner.model.linears().backend,
         "native_kernels": engine.runner.model.uses_native(),
+        "decode_kernel": engine.runner.model.decode_kernel(),
+        "batch_invariant": engine.runner.model.is_batch_invariant(),
         "decode_cuda_graphs": engine.runner.num_decode_graphs,  # 0: every step eager
         "config": {
             "n_layer": cfg.n_layer,
@@ -159,6 +164,8 @@ def info_dict(state: ServerState) -> dict[str, Any]:
         "max_waiting_requests": state.settings.max_waiting_requests,
         "max_request_sequences": state.settings.max_request_sequences,
         "max_constraint_work": state.settings.max_constraint_work,
+        "max_contrastive_work": state.settings.max_contrastive_work,
+        "max_dola_work": state.settings.max_dola_work,
         "kv_cache": {
             "num_blocks": engine.kv.num_blocks,
             "block_size": engine.kv.block_size,

@@ -6,9 +6,13 @@ wire format of the API the route belongs to:
 - TGI and every other route (TGI-compatible, plus the offending field):
       {"error": str, "error_type": str, "field": str | null}
 - /v1/* (OpenAI-compatible; the `openai` package reads `error.message`):
-      {"error": {"message": str, "type": str, "param": str | null, "code": int}}
+      {"error": {"message": str, "type": str, "param": str | null, "code": str | int}}
+  in OpenAI's terms: a request error is a 400 (not 422) of type "invalid_request_error";
+  `code` is OpenAI's code where one exists ("model_not_found", "context_length_exceeded"),
+  else the HTTP status (vLLM's convention).
 
-Same message, same type, same field; only the envelope differs (see docs/api.md).
+Same message, same field; only the envelope, and on /v1 the status and type, differ (see
+docs/api.md).
 No stack trace ever reaches a client; unexpected errors are logged and answered 500.
 """
 
@@ -55,6 +59,7 @@ class APIError(Exception):
         error_type: str = "validation",
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -62,6 +67,7 @@ class APIError(Exception):
         self.error_type = error_type
         self.field = field
         self.headers = headers
+        self.code = code  # OpenAI's error code, where it has one (/v1 only)
 
 
 class ClientDisconnected(APIError):
@@ -75,11 +81,36 @@ def is_openai_path(path: str) -> bool:
     return path.startswith(OPENAI_PREFIX)
 
 
+# /v1: the types OpenAI (and vLLM) give request errors; the others keep ours.
+_OPENAI_TYPES = {"validation": "invalid_request_error", "not_found": "invalid_request_error"}
+
+
+def wire_status(err: APIError, path: str) -> int:
+    """The status sent: a request error is a 422 (TGI) everywhere but on /v1, where OpenAI
+    and vLLM answer 400 (the `openai` package raises BadRequestError for it)."""
+    if err.status_code == 422 and is_openai_path(path):
+        return 400
+    return err.status_code
+
+
 def error_body(
-    message: str, error_type: str, field: str | None = None, *, openai: bool = False, status: int
+    message: str,
+    error_type: str,
+    field: str | None = None,
+    *,
+    openai: bool = False,
+    status: int,
+    code: str | None = None,
 ) -> dict[str, Any]:
     if openai:
-        return {"error": {"message": message, "type": error_type, "param": field, "code": status}}
+        return {
+            "error": {
+                "message": message,
+                "type": _OPENAI_TYPES.get(error_type, error_type),
+                "param": field,
+                "code": status if code is None else code,
+            }
+        }
     return {"error": message, "error_type": error_type, "field": field}
 
 
@@ -89,12 +120,13 @@ def error_json(err: APIError, path: str) -> dict[str, Any]:
         err.error_type,
         err.field,
         openai=is_openai_path(path),
-        status=err.status_code,
+        status=wire_status(err, path),
+        code=err.code,
     )
 
 
 def error_response(err: APIError, path: str) -> JSONResponse:
-    return JSONResponse(error_json(err, path), err.status_code, err.headers)
+    return JSONResponse(error_json(err, path), wire_status(err, path), err.headers)
 
 
 def error_bytes(err: APIError, path: str) -> bytes:

@@ -9,11 +9,13 @@ which frees its KV blocks at once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,7 @@ from app.api.errors import APIError, param_error
 from app.engine.async_engine import EngineNotRunningError, EngineQueueFullError
 from app.engine.core.request import FinishReason
 from app.engine.lanes.exact import float_counts
-from app.engine.outputs import GeneratedToken, RequestOutput, SequenceOutput
+from app.engine.outputs import GeneratedToken, PromptLogprob, RequestOutput, SequenceOutput
 from app.options.checks import ParamValidationError
 from app.options.params import SamplingParams
 from app.options.resolve import ModelLimits, resolve_request
@@ -90,6 +92,8 @@ def build_params(
         num_layers=int(config.n_layer),
         draft_model=state.settings.draft_model is not None,
         max_constraint_work=state.settings.max_constraint_work,
+        max_contrastive_work=state.settings.max_contrastive_work,
+        max_dola_work=state.settings.max_dola_work,
     )
     try:
         params = resolve_request(
@@ -99,6 +103,7 @@ def build_params(
             encode=lambda text: encode(state, text),
             exact_lane=exact_lane,
         )
+        check_prompt_sequences(state, params)
     except ParamValidationError as exc:
         raise param_error(exc, {"inputs": "inputs", **(renames or {})}) from exc
     # Several sequences: the routes rank them by summed log-probs (best_of, TGI order).
@@ -120,6 +125,25 @@ def admit(state: ServerState) -> None:
         raise admission_error(err) from err
 
 
+def check_prompt_sequences(state: ServerState, params: SamplingParams) -> None:
+    """One prompt's sequences against --max-request-sequences (every route; /v1/completions
+    also prices all its prompts together), named by the option that asks for them."""
+    cap = state.settings.max_request_sequences
+    total = sequences_of(params)
+    if total <= cap:
+        return
+    field = (
+        "num_beams" if params.num_beams >= params.num_return_sequences else "num_return_sequences"
+    )
+    if params.num_beams == 1 and params.num_return_sequences == 1:
+        field = "guidance_scale"
+    raise ParamValidationError(
+        field,
+        f"`{field}` asks for {total} sequences (n / best_of / num_beams, + 1 with guidance), "
+        f"at most {cap} per request (--max-request-sequences)",
+    )
+
+
 def check_request_sequences(state: ServerState, total: int) -> None:
     """One request's sequences (prompts x per-prompt sequences) against the setting."""
     cap = state.settings.max_request_sequences
@@ -138,6 +162,98 @@ def sequences_of(params: SamplingParams | None) -> int:
         return 0
     guidance = 1 if params.guidance_scale is not None else 0
     return max(params.num_beams, params.num_return_sequences) + guidance
+
+
+class RequestShare:
+    """The sequences one HTTP request has in the engine; its engine requests enter in the
+    order they asked (the first always), each woken only when it fits (no herd of a thousand
+    waiters re-checking on every release)."""
+
+    def __init__(self, shares: RequestShares) -> None:
+        self.shares = shares
+        self.in_engine = 0
+        self.users = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._caps = (1, 1)  # (alone, contended) of the latest caller
+
+    def _fits(self, sequences: int) -> bool:
+        return not self.in_engine or self.in_engine + sequences <= self.shares.cap(*self._caps)
+
+    async def acquire(self, sequences: int, alone: int, contended: int) -> None:
+        self._caps = (alone, contended)
+        if not self._waiters and self._fits(sequences):
+            self.in_engine += sequences
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((sequences, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # granted as it was cancelled
+                self.release(sequences)
+            raise
+
+    def release(self, sequences: int) -> None:
+        self.in_engine -= sequences
+        while self._waiters:
+            wanted, future = self._waiters[0]
+            if future.done():  # cancelled while waiting
+                self._waiters.popleft()
+                continue
+            if not self._fits(wanted):
+                return
+            self._waiters.popleft()
+            self.in_engine += wanted
+            future.set_result(None)
+
+
+class RequestShares:
+    """Every HTTP request's share of the engine (--max-request-share). A /v1/completions
+    request runs one engine request per prompt; without a share, 1,024 of them entered the
+    engine's FCFS queue at once and a 4-token canary sent after them waited behind all of
+    them (34 s, 190x its idle p99). While other HTTP requests are served (and for
+    `HOLD_SECONDS` after the last of them ends, so a client's next request finds it so), one
+    request has at most `contended` sequences in the engine and its other prompts wait their
+    turn outside it; alone it may have twice that."""
+
+    HOLD_SECONDS = 2.0
+
+    def __init__(self) -> None:
+        self.active: dict[str, RequestShare] = {}
+        self._contended_until = float("-inf")
+
+    def cap(self, alone: int, contended: int) -> int:
+        now = time.monotonic()
+        if len(self.active) > 1:
+            self._contended_until = now + self.HOLD_SECONDS
+        return contended if now < self._contended_until else alone
+
+
+@asynccontextmanager
+async def request_share(state: ServerState, request_id: str, sequences: int) -> AsyncIterator[None]:
+    """Hold `sequences` of the HTTP request's share while its engine request runs."""
+    if state.request_shares is None:
+        state.request_shares = RequestShares()
+    shares: RequestShares = state.request_shares
+    share = shares.active.get(request_id)
+    if share is None:
+        share = shares.active[request_id] = RequestShare(shares)
+    share.users += 1
+    acquired = False
+    try:
+        settings = state.settings
+        # alone: twice the share, so a newcomer finds little work ahead of it (more made the
+        # first canary of tests/benchmarks/fairness.py wait, and the batch no faster on CPU)
+        contended = settings.max_request_share
+        await share.acquire(sequences, 2 * contended, contended)
+        acquired = True
+        yield
+    finally:
+        if acquired:
+            share.release(sequences)
+        share.users -= 1
+        if share.users == 0:
+            shares.active.pop(request_id, None)
 
 
 def engine_error(out: RequestOutput, produced_tokens: bool) -> APIError:
@@ -166,8 +282,9 @@ async def stream_request(
     texts: list[str] = []
     state.inflight += 1
     try:
+        share = request_share(state, ctx.request_id, max(sequences_of(params), 1))
         source = state.engine.generate(prompt_ids, params, diagnostics=tuple(diagnostics))
-        async with aclosing(source) as outputs:
+        async with share, aclosing(source) as outputs:
             async for out in outputs:
                 if out.error is not None:
                     reason = "error"
@@ -233,6 +350,8 @@ class Completion:
     steps: list[GeneratedToken] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     score: float | None = None
+    # The request's prompt log-probs (SamplingParams.prompt_logprobs), shared by its sequences.
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -274,6 +393,7 @@ async def run_collecting(
     tensors it asked for (output_attentions / output_hidden_states) as nested lists."""
     completions = [Completion(i) for i in range(params.num_return_sequences)]
     found: dict[str, list[Any]] = {}
+    prompt_logprobs = None
     source = stream_request(state, ctx, prompt_ids, params, diagnostics)
     async with aclosing(source) as outputs:
         async for out in outputs:
@@ -282,6 +402,9 @@ async def run_collecting(
                     completions.append(Completion(len(completions)))
                 completions[seq.index].add(seq)
             found.update(out.diagnostics or {})
+            prompt_logprobs = prompt_logprobs or out.prompt_logprobs  # on the first output
+    for completion in completions:
+        completion.prompt_logprobs = prompt_logprobs
     return completions, found
 
 

@@ -26,9 +26,9 @@ from app.engine.grammar import ConstraintFactory
 from app.engine.lanes.class_b.runner import ClassBRun, rows_error
 from app.engine.lanes.context import LaneContext, LaneRequestError, LaneRun
 from app.engine.lanes.exact import ExactRun
-from app.engine.model_runner import ModelRunner
+from app.engine.model_runner import ModelRunner, StepResult, score_prompt_rows
 from app.engine.output_processor import OutputProcessor
-from app.engine.outputs import GeneratedToken, RequestOutput
+from app.engine.outputs import GeneratedToken, PromptLogprob, RequestOutput, SequenceOutput
 from app.engine.request_state import RequestState, SequenceState
 from app.engine.sample.group_sampling import sample_groups
 from app.engine.sample.row import make_generator
@@ -36,6 +36,7 @@ from app.engine.sample.sampler import Sampler
 from app.engine.spec.decoder import SpecContext, SpecDecoder, first_logits_rows
 from app.engine.spec.draft_model import DraftModel
 from app.engine.stop import token_bytes_table
+from app.modeling.batch_invariant import BatchInvariant
 from app.modeling.linear import LinearBackend, Quantize
 from app.modeling.native import NativeKernels
 from app.options.class_b import ClassBParams
@@ -57,6 +58,7 @@ class EngineConfig:
     enforce_eager: bool = False  # never capture CUDA graphs of decode steps
     static_decode: bool | None = None  # padded decode: None = with graphs; True on CPU: tests
     native_kernels: NativeKernels = "auto"  # app/modeling/native.py
+    batch_invariant: BatchInvariant = "auto"  # app/modeling/batch_invariant.py
 
 
 class LLMEngine:
@@ -79,6 +81,7 @@ class LLMEngine:
             enforce_eager=config.enforce_eager,
             static_decode=config.static_decode,
             native_kernels=config.native_kernels,
+            batch_invariant=config.batch_invariant,
         )
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -99,6 +102,9 @@ class LLMEngine:
         self._states: dict[str, RequestState] = {}
         # Exclusive lanes (class-B methods, the exact lane): one step each per engine step.
         self._lanes: dict[str, LaneRun] = {}
+        self._lane_prompt_logprobs: dict[str, list[PromptLogprob | None]] = {}
+        # Aborts signalled from other threads: a long lane step sees them between its chunks.
+        self._cancelled: set[str] = set()
         self.lane_context = LaneContext(
             hf_model, tokenizer, self.runner.device, lambda: self.token_bytes, self._heal
         )
@@ -114,6 +120,8 @@ class LLMEngine:
             )
         )
         self.num_steps = 0
+        self._lanes_ended = 0.0  # when the last lane steps ended, and how long they took
+        self._lanes_took = 0.0
         self.last_batch_size = 0
         # Called with the number of scheduled sequences after every non-empty step (metrics).
         self.step_observers: list[Callable[[int], None]] = []
@@ -133,18 +141,34 @@ class LLMEngine:
         diagnostics: tuple[str, ...] = (),
     ) -> None:
         """Admit a request. `diagnostics` (output_attentions / output_hidden_states) and the
-        class-B methods take an exclusive lane; everything else the batched one."""
+        class-B methods take an exclusive lane; everything else the batched one.
+        `params.max_new_tokens == 0`: the prompt only (its log-probs), nothing sampled."""
+        class_b = isinstance(params, ClassBParams) and params.class_b is not None
+        lane_prompt = None
+        if params.prompt_logprobs is not None and (diagnostics or class_b):
+            # The exclusive lanes run transformers' generate, not the paged prefill: their
+            # prompt's log-probs come from one forward of the model here.
+            top_n = params.prompt_logprobs
+            lane_prompt = self._model_prompt_logprobs(list(prompt_token_ids), top_n)
         if diagnostics:
             run: LaneRun = ExactRun(
                 self.lane_context, list(prompt_token_ids), params, list(diagnostics)
             )
             self._lanes[request_id] = run
+            if lane_prompt is not None:
+                self._lane_prompt_logprobs[request_id] = lane_prompt
             return
         if isinstance(params, ClassBParams) and params.class_b is not None:
             too_many = rows_error(params, self.config.max_num_seqs)
             if too_many is not None:  # as the scheduler refuses a request that can never fit
                 raise LaneRequestError(too_many)
-            self._lanes[request_id] = ClassBRun(self.lane_context, list(prompt_token_ids), params)
+            cancelled = self._cancelled
+            run = ClassBRun(
+                self.lane_context, list(prompt_token_ids), params, lambda: request_id in cancelled
+            )
+            self._lanes[request_id] = run
+            if lane_prompt is not None:
+                self._lane_prompt_logprobs[request_id] = lane_prompt
             return
         if params.token_healing:
             prompt_token_ids = self._heal(prompt_token_ids)
@@ -167,6 +191,8 @@ class LLMEngine:
             params=params,
             max_num_seqs=max(params.num_beams, params.num_return_sequences, len(seqs)),
         )
+        if params.prompt_logprobs is not None and prompt_len > 1:
+            request.prompt_logprobs = params.prompt_logprobs
         output = OutputProcessor(params, prompt_token_ids, self.tokenizer, lambda: self.token_bytes)
         generator = None
         if params.seed is not None and params.do_sample:
@@ -187,6 +213,17 @@ class LLMEngine:
         self._states[request_id] = state
 
     @torch.inference_mode()
+    def _model_prompt_logprobs(self, prompt: list[int], top_n: int) -> list[PromptLogprob | None]:
+        """Prompt log-probs from transformers' model itself (the exclusive lanes' requests)."""
+        model = self.runner.hf_model
+        ids = torch.tensor([prompt], device=self.runner.device)
+        hidden = model.transformer(ids).last_hidden_state[0]  # ln_f applied
+        rows = list(range(len(prompt) - 1))
+        vocab = int(model.config.vocab_size)
+        scored = score_prompt_rows(model.lm_head, hidden, rows, prompt[1:], top_n, vocab)
+        return [None, *scored]
+
+    @torch.inference_mode()
     def _heal(self, prompt_token_ids: list[int]) -> list[int]:
         """generate's token healing: the prompt's tail token is re-chosen among its
         extensions (transformers' own heal_tokens, a one-token generate on the prompt)."""
@@ -202,7 +239,14 @@ class LLMEngine:
             constraint=self.constraints.make(state.params),  # grammar: a fresh matcher each
         )
 
+    def signal_abort(self, request_id: str) -> None:
+        """Thread-safe: a running lane step stops at its next checkpoint; abort_request
+        (on the engine thread) still frees the request."""
+        self._cancelled.add(request_id)
+
     def abort_request(self, request_id: str) -> bool:
+        self._cancelled.discard(request_id)
+        self._lane_prompt_logprobs.pop(request_id, None)
         self._states.pop(request_id, None)
         if self._lanes.pop(request_id, None) is not None:
             return True
@@ -219,8 +263,23 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One step of every exclusive-lane run, then one batch step."""
-        return self._step_lanes() + self._step_batch()
+        """One step of every exclusive-lane run (when it is their turn), then one batch step."""
+        if not self._lanes or not self._lanes_turn():
+            return self._step_batch()
+        start = time.monotonic()
+        lanes = self._step_lanes()
+        self._lanes_ended = time.monotonic()
+        self._lanes_took = self._lanes_ended - start
+        return lanes + self._step_batch()
+
+    def _lanes_turn(self) -> bool:
+        """Exclusive lanes take at most about half of the engine thread while batch requests
+        run: after lane steps that took L seconds, batch steps run alone for L seconds (a
+        4-token request beside a contrastive search at its work limit waited for one method
+        step per token)."""
+        if not self.scheduler.has_unfinished():
+            return True
+        return time.monotonic() - self._lanes_ended >= self._lanes_took
 
     def _step_lanes(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
@@ -237,13 +296,20 @@ class LLMEngine:
                     del self._lanes[request_id]
                 if seqs or run.finished:
                     diagnostics = run.diagnostics
+                    prompt = self._lane_prompt_logprobs.pop(request_id, None)  # once, first
                     outputs.append(
                         RequestOutput(
-                            request_id, run.prompt, seqs, run.finished, diagnostics=diagnostics
+                            request_id,
+                            run.prompt,
+                            seqs,
+                            run.finished,
+                            diagnostics=diagnostics,
+                            prompt_logprobs=prompt,
                         )
                     )
                 continue
             del self._lanes[request_id]
+            self._lane_prompt_logprobs.pop(request_id, None)
             outputs.append(
                 RequestOutput(request_id, run.prompt, [], True, message, kind, error_field=field)
             )
@@ -262,12 +328,14 @@ class LLMEngine:
         sampling = [item for item in sched.seqs if item.sample]
         failures: list[RequestOutput] = []
         try:
-            logits = self._forward(sched)
+            result = self._forward(sched)
         except Exception:  # find the request that broke it: the others go on
             logger.exception("batched forward failed: retrying its requests one at a time")
-            logits, broken = self._forward_isolated(sched, sampling)
+            result, broken = self._forward_isolated(sched, sampling)
             sampling = [item for item in sampling if item.request_id not in broken]
             failures = self._fail(broken)  # before the scheduler advances
+        logits = result.logits
+        self._record_prompt_logprobs(result.prompt_logprobs)
         self.scheduler.update_from_output(sched)
         outputs: dict[str, RequestOutput] = {}
         failed: dict[str, Exception] = {}
@@ -279,6 +347,9 @@ class LLMEngine:
         plain: list[tuple[RequestState, dict[int, int]]] = []
         for request_id, rows in groups.items():
             state = self._states[request_id]
+            if state.params.max_new_tokens == 0:  # prompt only: its prefill is all it asked
+                self._finish_prompt_only(state, outputs)
+                continue
             if state.beam is None:
                 plain.append((state, rows))
                 continue
@@ -301,15 +372,32 @@ class LLMEngine:
         self.spec.propose(sampling)
         return list(outputs.values()) + failures + (self._fail(failed) if failed else [])
 
-    def _forward(self, sched: SchedulerOutput) -> torch.Tensor:
-        logits = self.runner.execute(sched)
+    def _forward(self, sched: SchedulerOutput) -> StepResult:
+        result = self.runner.execute_step(sched)
         if self.draft is not None:
             self.draft.mirror(sched)  # the draft's KV follows the target's, slot for slot
-        return logits
+        return result
+
+    def _record_prompt_logprobs(
+        self, chunks: list[tuple[ScheduledSeq, list[PromptLogprob]]]
+    ) -> None:
+        for item, entries in chunks:
+            state = self._states.get(item.request_id)
+            if state is None:
+                continue  # aborted while the step ran
+            if state.output.add_prompt_logprobs(item.start_pos + 1, entries):
+                # All computed: a recompute after preemption needs no logits and may hit
+                # the prefix cache.
+                state.request.prompt_logprobs = None
+
+    def _finish_prompt_only(self, state: RequestState, outputs: dict[str, RequestOutput]) -> None:
+        out = self._output_for(state.request, outputs)
+        out.outputs.append(SequenceOutput(0, "", [], 0, FinishReason.LENGTH))
+        self._finish(state, out, FinishReason.LENGTH)
 
     def _forward_isolated(
         self, sched: SchedulerOutput, sampling: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, dict[str, Exception]]:
+    ) -> tuple[StepResult, dict[str, Exception]]:
         """The step's forward again, one request at a time: a request whose forward raises
         fails alone (with its own error), the others get their logits rows as before.
         Re-running a chunk rewrites the same KV slots, so the failed batched run left nothing
@@ -318,6 +406,7 @@ class LLMEngine:
         for item in sched.seqs:
             groups.setdefault(item.request_id, []).append(item)
         rows: dict[int, torch.Tensor] = {}  # id(item) -> its logits rows
+        prompt: list[tuple[ScheduledSeq, list[PromptLogprob]]] = []
         failed: dict[str, Exception] = {}
         copies = sched.cow_copies
         for request_id, items in groups.items():
@@ -325,11 +414,13 @@ class LLMEngine:
             alone = SchedulerOutput(seqs=items, cow_copies=copies, num_batched_tokens=tokens)
             copies = []
             try:
-                logits = self._forward(alone)
+                result = self._forward(alone)
             except Exception as err:
                 logger.exception("request %s failed in the forward", request_id)
                 failed[request_id] = err
                 continue
+            logits = result.logits
+            prompt += result.prompt_logprobs
             row = 0
             for item in (i for i in items if i.sample):
                 n = 1 + len(item.draft_token_ids)
@@ -337,8 +428,8 @@ class LLMEngine:
                 row += n
         kept = [rows[id(item)] for item in sampling if item.request_id not in failed]
         if not kept:
-            return torch.empty(0), failed
-        return torch.cat(kept), failed
+            return StepResult(torch.empty(0), prompt), failed
+        return StepResult(torch.cat(kept), prompt), failed
 
     def _advance(
         self,
@@ -416,6 +507,7 @@ class LLMEngine:
         out = outputs.get(request.request_id)
         if out is None:
             first = request.seqs[0]
+            state = self._states.get(request.request_id)
             out = RequestOutput(
                 request.request_id,
                 first.token_ids[: first.prompt_len],
@@ -423,6 +515,7 @@ class LLMEngine:
                 finished=False,
                 num_preemptions=request.num_preemptions,
                 num_cached_tokens=request.num_cached_tokens,
+                prompt_logprobs=None if state is None else state.output.take_prompt_logprobs(),
             )
             outputs[request.request_id] = out
         return out

@@ -5,7 +5,7 @@ Whatever chose a token (the batched sampler, beam search, a class-B method, the 
 - the stop check (eos, length, stop strings: generate's criteria, stop.py);
 - UTF-8-safe incremental detokenization (detokenizer.py);
 - the stop-string text filter (the text is cut before a stop string, a possible prefix is
-  held back until it is decided);
+  held back until it is decided; `include_stop_str_in_output` keeps the text whole);
 - the top-n alternatives, from the distribution the token was chosen from.
 Whole sequences delivered at once (beam results) are cut where the stop checks end them and
 their text is shared among their tokens here (`GeneratedToken.text`), so the HTTP side
@@ -21,7 +21,7 @@ import torch
 
 from app.engine.core.request import FinishReason
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.outputs import GeneratedToken, SequenceOutput
+from app.engine.outputs import GeneratedToken, PromptLogprob, SequenceOutput
 from app.engine.stop import StopChecker, StopStringTextFilter
 from app.options.params import SamplingParams
 
@@ -29,8 +29,14 @@ from app.options.params import SamplingParams
 class SequenceText:
     """One sequence's streamed text: incremental detokenizer + stop-string filter."""
 
-    def __init__(self, tokenizer: Any, context_ids: Sequence[int], stop_strings: Sequence[str]):
-        self.detok = IncrementalDetokenizer(tokenizer, list(context_ids))
+    def __init__(
+        self,
+        tokenizer: Any,
+        context_ids: Sequence[int],
+        stop_strings: Sequence[str],
+        skip_special_tokens: bool = True,
+    ):
+        self.detok = IncrementalDetokenizer(tokenizer, list(context_ids), skip_special_tokens)
         self.filter = StopStringTextFilter(stop_strings)
 
     def add(self, token: int, reason: FinishReason | None) -> str:
@@ -60,6 +66,34 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         table = token_bytes() if params.stop_strings else None
         self.checker = StopChecker(params, len(self.prompt_ids), table)
+        # The stop strings the text filter cuts (none when the text keeps them).
+        self.cut_strings = [] if params.include_stop_str_in_output else list(params.stop_strings)
+        # Prompt log-probs, filled chunk by chunk as the prefill computes them; position 0
+        # has none (no context), as in OpenAI's echo, vLLM and TGI.
+        self.prompt_logprobs: list[PromptLogprob | None] | None = None
+        self._prompt_missing = 0
+        self._prompt_sent = False
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_ids)
+            self._prompt_missing = len(self.prompt_ids) - 1
+
+    def add_prompt_logprobs(self, first_position: int, entries: list[PromptLogprob]) -> bool:
+        """A prefill chunk's prompt log-probs (positions from `first_position`); a position
+        computed again (recompute after preemption) keeps its first value. True when every
+        position has one."""
+        assert self.prompt_logprobs is not None
+        for position, entry in enumerate(entries, first_position):
+            if self.prompt_logprobs[position] is None:
+                self.prompt_logprobs[position] = entry
+                self._prompt_missing -= 1
+        return self._prompt_missing == 0
+
+    def take_prompt_logprobs(self) -> list[PromptLogprob | None] | None:
+        """The prompt log-probs for the request's first output (None afterwards)."""
+        if self.prompt_logprobs is None or self._prompt_sent:
+            return None
+        self._prompt_sent = True
+        return self.prompt_logprobs
 
     def check(self, token_ids: Sequence[int]) -> FinishReason | None:
         """generate's stopping criteria on the whole sequence (prompt + output)."""
@@ -69,7 +103,8 @@ class OutputProcessor:
         return SequenceText(
             self.tokenizer,
             self.prompt_ids if context_ids is None else context_ids,
-            self.params.stop_strings,
+            self.cut_strings,
+            self.params.skip_special_tokens,
         )
 
     def token_output(
@@ -98,13 +133,13 @@ class OutputProcessor:
                 break
         reason = reason or FinishReason.LENGTH
         decode = self._decode
-        text = StopStringTextFilter(self.params.stop_strings).finish(decode(tokens), reason)
+        text = StopStringTextFilter(self.cut_strings).finish(decode(tokens), reason)
         pieces = split_text(text, tokens, decode)
         generated = [GeneratedToken(t, text=piece) for t, piece in zip(tokens, pieces, strict=True)]
         return SequenceOutput(index, text, generated, len(tokens), reason, score=score)
 
     def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return str(self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens))
 
 
 def chosen_token(logprobs: torch.Tensor, token: int, n: int) -> GeneratedToken:

@@ -21,6 +21,17 @@ class GeneratedToken:
 
 
 @dataclass
+class PromptLogprob:
+    """One prompt token's log-prob given the tokens before it: log_softmax of the model's
+    logits at the previous position (no logits processing, as HF's forward returns them)."""
+
+    id: int
+    logprob: float
+    rank: int  # 1 + the number of other tokens at least as likely (vLLM's rank)
+    top: list[tuple[int, float]] = field(default_factory=list)  # prompt_logprobs best, best first
+
+
+@dataclass
 class SequenceOutput:
     """What one sequence produced in one step (deltas), plus running totals."""
 
@@ -63,3 +74,6 @@ class RequestOutput:
     # The exact lane's diagnostic tensors as nested lists ("attentions", "hidden_states").
     diagnostics: dict[str, list[Any]] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # SamplingParams.prompt_logprobs: one entry per prompt token, None first (no context);
+    # on the request's first output only.
+    prompt_logprobs: list[PromptLogprob | None] | None = None

@@ -176,6 +176,8 @@ def resolve_logits_options(
 
     out: dict[str, Any] = {}
     out["repetition_penalty"] = in_range("repetition_penalty", get("repetition_penalty"))
+    for name in ("frequency_penalty", "presence_penalty"):  # OpenAI's [-2, 2]
+        out[name] = in_range(name, get(name))
     out["no_repeat_ngram_size"] = in_range("no_repeat_ngram_size", get("no_repeat_ngram_size"))
 
     bad = get("bad_words_ids")

@@ -41,6 +41,8 @@ class SamplingParams:
     `max_new_tokens` / `min_new_tokens` are the matching counts of new tokens. Built by hand,
     the usual precedence applies (see `stop_length`)."""
 
+    # 0 (set by a route, never by resolve): a prompt-only request that finishes after its
+    # prefill without sampling (OpenAI echo with max_tokens 0: prompt log-probs only).
     max_new_tokens: int | None = None
     max_length: int | None = None
     min_new_tokens: int | None = None
@@ -53,6 +55,12 @@ class SamplingParams:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     stop_strings: list[str] = field(default_factory=list)
+    # Not an option: keep a matched stop string in the text (TGI routes, as generate's
+    # stop_strings; vLLM's include_stop_str_in_output). False: the text ends before it.
+    include_stop_str_in_output: bool = False
+    # Not an option: leave special tokens out of the text (vLLM's skip_special_tokens; the
+    # /v1 routes set it). False: their text shows (the token ids are the same either way).
+    skip_special_tokens: bool = True
     num_return_sequences: int = 1
     max_time: float | None = None  # seconds from admission (MaxTimeCriteria)
     # Classifier-free guidance: the negative prompt runs as a companion sequence.
@@ -68,6 +76,10 @@ class SamplingParams:
     ignore_eos: bool = False
     # Logits options (HF names and semantics; None / neutral values are off).
     repetition_penalty: float = 1.0
+    # OpenAI / vLLM penalties over the generated tokens (not HF options: applied right after
+    # repetition_penalty, logits_processors._penalties; 0 is off).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
     bad_words_ids: list[list[int]] | None = None  # includes the request's `bad_words`, tokenized
     sequence_bias: list[list[Any]] | None = None  # HF's list form [[token_ids, bias], ...]
@@ -84,10 +96,15 @@ class SamplingParams:
     renormalize_logits: bool = False
     remove_invalid_values: bool = False
     watermarking_config: dict[str, Any] | None = None  # transformers.WatermarkingConfig fields
-    # API-only (not an HF field): return this many top alternatives per token (0..5).
+    # API-only (not an HF field): return this many top alternatives per token (0..20).
     top_n_tokens: int = 0
     # Not an option: compute each chosen token's log-prob (off: see build_params).
     logprobs: bool = True
+    # Not a generate option (the routes set it: OpenAI echo + logprobs, vLLM's
+    # prompt_logprobs, TGI's decoder_input_details): return every prompt token's log-prob
+    # given the tokens before it, with this many top alternatives (0: the token's own only);
+    # None: none. The engine computes them in the batched prefill (model_runner.py).
+    prompt_logprobs: int | None = None
     # Prompt-lookup decoding (speculative: no effect on output, see engine/spec/decoder.py).
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None
@@ -124,6 +141,7 @@ class SamplingParams:
         """
         if (
             self.repetition_penalty != 1.0
+            or self.has_penalties
             or self.no_repeat_ngram_size > 0
             or self.bad_words_ids
             or self.sequence_bias
@@ -145,6 +163,11 @@ class SamplingParams:
             or 0.0 < self.eta_cutoff < 1.0
             or self.top_h is not None
         )
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the OpenAI presence / frequency penalty is on (no `generate` equivalent)."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def logits_generate_kwargs(self) -> dict[str, Any]:
         """The logits options that are on, as `model.generate` keyword arguments (HF formats)."""

@@ -46,9 +46,15 @@ LOSSY = (
 TOKEN_IDS = "token ids < vocab"
 # The range torch.Generator.manual_seed accepts (seed; watermarking_config.hashing_key).
 TORCH_SEED = Range(ge=-(2**63), le=2**64 - 1, schema=())
-TOP_N_TOKENS = Range(ge=0, le=5, schema=("ge",))
+# vLLM's default max_logprobs and OpenAI's chat top_logprobs limit: 20.
+TOP_N_TOKENS = Range(ge=0, le=20, schema=("ge",))
 TOKEN_ID = Range(ge=0, hint=" (a token id)")  # pad_token_id, and each eos_token_id
 ASSISTANT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+PENALTY = Range(ge=-2, le=2)  # OpenAI's presence / frequency penalty range (vLLM, TGI: same)
+PENALTY_NOTE = (
+    "vLLM's formula over the generated tokens only (not the prompt), applied right after "
+    "repetition_penalty; not with beams, class-B methods or the exact lane (422)"
+)
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,14 @@ _ROWS: list[Option] = [
        default_text="null (off)"),
     _a("repetition_penalty", float, "Penalty for repeated tokens (1.0 = off).", 1.3,
        range=Range(gt=0, hint=" (1.0 is off)"), default=1.0, default_text="1.0 (off)"),
+    _o("frequency_penalty", "API", float,
+       "OpenAI / vLLM frequency penalty: each token's logit -= value x its count in the output "
+       "so far (0 = off).", range=PENALTY, default=0.0, default_text="0.0 (off)", finite=True,
+       example={"frequency_penalty": 0.5}, note=PENALTY_NOTE),
+    _o("presence_penalty", "API", float,
+       "OpenAI / vLLM presence penalty: each token's logit -= value once it is in the output "
+       "(0 = off).", range=PENALTY, default=0.0, default_text="0.0 (off)", finite=True,
+       example={"presence_penalty": 0.5}, note=PENALTY_NOTE),
     _a("no_repeat_ngram_size", int, "No n-gram of this size repeats (0 = off).", 3,
        range=Range(ge=0, hint=" (0 is off)"), default=0, default_text="0 (off)"),
     _a("bad_words_ids", list[list[int]], "Token sequences that may not be generated.",
@@ -370,9 +384,6 @@ _ROWS: list[Option] = [
     _o("watermark", "API", bool, "Watermark (default WatermarkingConfig).", default=False,
        lane=API, model=TGI_MODEL, wire_default=False,
        note="watermarking_config = transformers' default WatermarkingConfig"),
-    _o("frequency_penalty", "API", float, "OpenAI-style frequency penalty (422 unless served).",
-       rules="0 only", status=NOT_YET, neutral=(0, 0.0), model=TGI_MODEL,
-       note="no transformers equivalent; use repetition_penalty"),
     _o("adapter_id", "API", str, "LoRA adapter: not served (422).", status=REJECTED,
        model=TGI_MODEL, note="no LoRA adapters are served"),
     # -- the prompt as ids (GenerateRequest) -------------------------------------------

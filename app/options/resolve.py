@@ -39,7 +39,7 @@ from typing import Any
 from app.options.checks import ParamValidationError, is_int
 from app.options.checks import bool_ as _bool
 from app.options.checks import finite as _finite
-from app.options.class_b import ClassBParams, resolve_class_b
+from app.options.class_b import ClassBParams, MethodLimits, resolve_class_b
 from app.options.constraints import resolve_constraints
 from app.options.logits import API_ONLY_INPUTS, resolve_logits_options
 from app.options.params import FIELD_NAMES, SamplingParams
@@ -224,6 +224,8 @@ class ModelLimits:
     num_layers: int  # DoLa's layer indices
     draft_model: bool = False  # assisted-decoding options are served
     max_constraint_work: int | None = None  # constraint tokens x beams (None: no limit)
+    max_contrastive_work: int | None = None  # contrastive top_k x positions (None: no limit)
+    max_dola_work: int | None = None  # DoLa premature layers x vocab (None: no limit)
 
 
 def resolve_request(
@@ -277,6 +279,8 @@ def resolve_request(
         raise
     check_negative_branch(params, prompt_len, limits, "negative_prompt" if negative else None)
     check_something_to_sample(params, limits.vocab_size)
+    if split.exact:
+        check_penalties_served(params, f"`{split.exact[0]}` (the exact lane runs `generate`)")
     if not split.class_b:
         return params
     params = resolve_class_b(
@@ -285,13 +289,27 @@ def resolve_request(
         num_layers=limits.num_layers,
         vocab_size=limits.vocab_size,
         encode=encode,
-        max_constraint_work=limits.max_constraint_work,
+        prompt_len=prompt_len,
+        limits=MethodLimits(
+            limits.max_constraint_work, limits.max_contrastive_work, limits.max_dola_work
+        ),
     )
     if split.exact and isinstance(params, ClassBParams):
         raise ParamValidationError(
             split.exact[0], f"`{split.exact[0]}` is not served with a class-B decoding method"
         )
+    if isinstance(params, ClassBParams) and params.class_b is not None:
+        check_penalties_served(params, "a class-B decoding method")
     return params
+
+
+def check_penalties_served(params: SamplingParams, lane: str) -> None:
+    """presence / frequency penalties run in the batched sampler only: the lanes that run
+    transformers' own processors (the exact lane, class-B methods; beams: strategy.py) have
+    no such processor, so a penalty there is a 422 rather than silently dropped."""
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(params, name) != 0.0:
+            raise ParamValidationError(name, f"`{name}` is not supported with {lane}; omit it or 0")
 
 
 def check_negative_branch(

@@ -47,6 +47,13 @@ def resolve_strategy(
             f"greedy decoding returns 1 sequence; `num_return_sequences` must be 1 (got {nrs}) "
             "unless do_sample=true or num_beams > 1",
         )
+    for name in ("frequency_penalty", "presence_penalty"):
+        # Beam search runs transformers' own processors (beam_search.py), which have no such
+        # penalty; vLLM refuses penalties with beam search too.
+        if num_beams > 1 and pick(name):
+            raise ParamValidationError(
+                name, f"`{name}` is not supported with beam search (num_beams > 1); omit it or 0"
+            )
     max_time = pick("max_time")
     if max_time is not None:
         max_time = option_range("max_time").check_float("max_time", max_time)

@@ -87,11 +87,22 @@ def resolve_template(setting: str | None, tokenizer: Any) -> ChatTemplate:
     return ChatTemplate("default", DEFAULT_CHAT_TEMPLATE)
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], template: ChatTemplate) -> str:
-    """The prompt text, ending with the generation prompt (the assistant's turn marker).
-    Raises jinja2.TemplateError when the template rejects the conversation."""
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    template: ChatTemplate,
+    continue_final: bool = False,
+) -> str:
+    """The prompt text, ending with the generation prompt (the assistant's turn marker), or
+    with `continue_final` (vLLM's continue_final_message) ending inside the last message,
+    which the model then continues. Raises jinja2.TemplateError when the template rejects
+    the conversation."""
     text = tokenizer.apply_chat_template(
-        messages, chat_template=template.text, tokenize=False, add_generation_prompt=True
+        messages,
+        chat_template=template.text,
+        tokenize=False,
+        add_generation_prompt=not continue_final,
+        continue_final_message=continue_final,
     )
     return str(text)
 
@@ -101,18 +112,19 @@ def render_chat_prompt(
     messages: list[dict[str, str]],
     template: ChatTemplate,
     allow_special_tokens: bool = False,
+    continue_final: bool = False,
 ) -> PromptText:
     """`render_chat`'s prompt, with the spans of the special-token text that came from message
     contents (for `encode_prompt`, which keeps it text). `allow_special_tokens`: no spans, so
     the prompt is tokenized as a raw prompt is (trusted callers only)."""
     if allow_special_tokens:
-        return PromptText(render_chat(tokenizer, messages, template))
+        return PromptText(render_chat(tokenizer, messages, template, continue_final))
     source = template.text if template.text is not None else tokenizer.get_chat_template()
     tokens = control_tokens(tokenizer, source)
     # Only the occurrences are marked: an ordinary content is passed on untouched, so a
     # template's string operations (trim, split, comparisons) see exactly what they did.
     marked = [{**m, "content": mark(m["content"], tokens)} for m in messages]
-    return unmark(render_chat(tokenizer, marked, template), tokens)
+    return unmark(render_chat(tokenizer, marked, template, continue_final), tokens)
 
 
 def turn_stop_token_ids(tokenizer: Any) -> list[int]:

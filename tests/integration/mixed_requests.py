@@ -107,6 +107,8 @@ def _openai_case(
     rng: random.Random, prompt: str, seed: int, stream: bool, max_new_tokens: int
 ) -> Case:
     body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_new_tokens, "stream": stream}
+    if stream:  # usage comes as a last chunk of its own only when asked for (as OpenAI)
+        body["stream_options"] = {"include_usage": True}
     variant = rng.choice(("greedy", "seeded", "n-2", "top-k", "penalty", "beams", "unseeded"))
     if stream and variant == "beams":
         variant = "greedy"
@@ -268,7 +270,8 @@ def check_openai_stream(case: Case, events: list[Any]) -> list[str]:
             reason != "length" or count == case.max_new_tokens
         ), (reason, count)
     usage = chunks[-1]["usage"]
-    assert usage is not None, "no usage on the last chunk"
+    assert usage is not None and chunks[-1]["choices"] == [], "no usage chunk at the end"
+    assert all(c.get("usage") is None for c in chunks[:-1]), "usage before the last chunk"
     assert usage["completion_tokens"] == sum(counts), (usage, counts)
     return texts
 

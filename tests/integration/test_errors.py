@@ -1,4 +1,5 @@
-"""Every error code, in its shape: 401, 404, 413, 422, 429, 503; never a 500 for client input."""
+"""Every error code, in its shape: 401, 404, 413, 422 (400 on /v1, as OpenAI), 429, 503; never a
+500 for client input."""
 
 from __future__ import annotations
 
@@ -29,10 +30,14 @@ def tgi_error(r: httpx.Response, status: int) -> dict:
     return body
 
 
-def openai_error(r: httpx.Response, status: int) -> dict:
+def openai_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    """OpenAI's envelope; `code` is OpenAI's code where it has one, else the status."""
     assert r.status_code == status, r.text
     body = r.json()["error"]
-    assert set(body) == {"message", "type", "param", "code"} and body["code"] == status
+    assert set(body) == {"message", "type", "param", "code"}, body
+    assert body["code"] == (status if code is None else code), body
+    if status in (400, 404):
+        assert body["type"] == "invalid_request_error", body
     return body
 
 
@@ -55,11 +60,23 @@ def test_422_prompt_too_long_names_both_numbers(
 ) -> None:
     limit = live_server.state.max_input_tokens
     prompt = "대한민국 " * 1500
-    count = client.post("/tokenize", json={"inputs": prompt}).json()["count"]
+    count = len(client.post("/tokenize", json={"inputs": prompt}).json())
     body = tgi_error(client.post("/generate", json={"inputs": prompt}), 422)
     assert str(count) in body["error"] and str(limit) in body["error"]
-    oai = openai_error(client.post("/v1/completions", json={"prompt": prompt}), 422)
+    r = client.post("/v1/completions", json={"prompt": prompt})
+    oai = openai_error(r, 400, "context_length_exceeded")
     assert str(count) in oai["message"] and oai["param"] == "prompt"
+    # OpenAI's wording, which LiteLLM maps to ContextWindowExceededError.
+    assert oai["message"].startswith(
+        f"This model's maximum context length is {live_server.state.max_total_tokens} tokens. "
+        f"However, you requested {count + 16} tokens ({count} in the messages, 16 in the "
+        "completion)."
+    )
+    chat = {"messages": [{"role": "user", "content": "안녕"}], "max_tokens": 5000}
+    oai = openai_error(
+        client.post("/v1/chat/completions", json=chat), 400, "context_length_exceeded"
+    )
+    assert "maximum context length is" in oai["message"] and oai["param"] == "max_tokens"
     few = tgi_error(client.post("/few-shot", json={"query": prompt}), 422)
     assert few["field"] == "prompt"
 
@@ -69,14 +86,16 @@ def test_422_malformed_bodies(client: httpx.Client) -> None:
     assert tgi_error(r, 422)["field"] == "body"
     assert tgi_error(client.post("/generate", json={"inputs": ""}), 422)["field"] == "inputs"
     assert tgi_error(client.post("/few-shot", json={"query": "a", "shots": []}), 422)["field"]
-    assert openai_error(client.post("/v1/completions", json={"prompt": []}), 422)["param"]
-    assert openai_error(client.post("/v1/completions", json={}), 422)["param"] == "prompt"
+    assert openai_error(client.post("/v1/completions", json={"prompt": []}), 400)["param"]
+    assert openai_error(client.post("/v1/completions", json={}), 400)["param"] == "prompt"
     assert tgi_error(client.post("/detokenize", json={"ids": [-1]}), 422)["field"] == "ids"
 
 
 def test_404_and_405(client: httpx.Client) -> None:
     assert tgi_error(client.get("/nope"), 404)["error_type"] == "not_found"
     assert openai_error(client.get("/v1/nope"), 404)
+    missing = openai_error(client.get("/v1/models/gpt-4"), 404, "model_not_found")
+    assert missing["param"] == "model"
     assert tgi_error(client.get("/generate"), 405)
 
 
@@ -178,7 +197,7 @@ def test_stream_error_event_shapes(client: httpx.Client) -> None:
     r = client.post("/generate_stream", json={"inputs": "a", "parameters": {"top_k": -3}})
     assert tgi_error(r, 422)["field"].endswith("top_k")
     body = {"prompt": "a", "stream": True, "best_of": 3, "n": 1, "temperature": 1}
-    assert openai_error(client.post("/v1/completions", json=body), 422)["param"] == "best_of"
+    assert openai_error(client.post("/v1/completions", json=body), 400)["param"] == "best_of"
     assert list(sse_events(["data: [DONE]"])) == ["[DONE]"]
 
 

@@ -26,7 +26,7 @@ def test_few_shot_renders_and_answers(client: httpx.Client) -> None:
         f"입력: {EXAMPLES[1]['input']}\n출력: 부정\n\n입력: 분위기가 좋았다.\n출력:"
     )
     assert out["prompt"] == expected
-    tokens = client.post("/tokenize", json={"inputs": expected}).json()["count"]
+    tokens = len(client.post("/tokenize", json={"inputs": expected}).json())
     assert out["prompt_tokens"] == tokens
     assert out["num_examples"] == 2
     assert out["answer"] == out["answer"].strip()
@@ -77,7 +77,7 @@ def test_repeated_examples_hit_the_prefix_cache(client: httpx.Client) -> None:
     # Everything before the query is shared: its full 16-token blocks come from the cache
     # (less one token, which may merge differently at the boundary).
     prefix = first["prompt"][: first["prompt"].rindex("입력:")]
-    shared = client.post("/tokenize", json={"inputs": prefix}).json()["count"] - 1
+    shared = len(client.post("/tokenize", json={"inputs": prefix}).json()) - 1
     shared_blocks = shared // 16
     assert shared_blocks >= 2
     assert hits[2] - hits[1] >= shared_blocks

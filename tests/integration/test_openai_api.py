@@ -25,8 +25,12 @@ def model(live_server: LiveServer) -> str:
 def test_models(oai: openai.OpenAI, model: str) -> None:
     assert [m.id for m in oai.models.list().data] == [model]
     assert oai.models.retrieve(model).id == model
-    with pytest.raises(openai.NotFoundError, match="not served"):
-        oai.completions.create(model="gpt-4", prompt="a", max_tokens=1)
+    with pytest.raises(openai.NotFoundError, match="does not exist") as info:
+        oai.models.retrieve("gpt-4")
+    assert info.value.code == "model_not_found"
+    # One model served: any name is it, and the answer names the served model (TGI).
+    done = oai.completions.create(model="gpt-4", prompt="a", max_tokens=1)
+    assert done.model == model
 
 
 def test_greedy_equals_tgi(oai: openai.OpenAI, model: str, client: httpx.Client) -> None:
@@ -52,9 +56,11 @@ def test_stream_equals_non_stream(oai: openai.OpenAI, model: str) -> None:
     finals = [f for f in finals if f]
     assert finals == [full.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
-    # Without include_usage the chunk with the finish reason carries the usage.
+    assert all(c.usage is None for c in chunks[:-1])
+    # Without include_usage no chunk carries usage (OpenAI's stream).
     plain = list(oai.completions.create(**kwargs, temperature=0.9, stream=True))
-    assert plain[-1].usage == full.usage
+    assert all(c.usage is None and c.choices for c in plain)
+    assert "".join(c.choices[0].text for c in plain) == full.choices[0].text
 
 
 def test_extra_body_options_match_tgi(oai: openai.OpenAI, model: str, client: httpx.Client) -> None:
@@ -70,7 +76,7 @@ def test_extra_body_options_match_tgi(oai: openai.OpenAI, model: str, client: ht
 def test_prompts_as_list_and_token_ids(
     oai: openai.OpenAI, model: str, client: httpx.Client
 ) -> None:
-    ids = [t["id"] for t in client.post("/tokenize", json={"inputs": "법률은"}).json()["tokens"]]
+    ids = [t["id"] for t in client.post("/tokenize", json={"inputs": "법률은"}).json()]
     done = oai.completions.create(
         model=model, prompt=["법률은", "국회는"], max_tokens=6, temperature=0
     )
@@ -89,7 +95,7 @@ def test_prompts_as_list_and_token_ids(
 
 def test_logprobs_and_echo(oai: openai.OpenAI, model: str, client: httpx.Client) -> None:
     prompt = "대한민국은"
-    n_prompt = len(client.post("/tokenize", json={"inputs": prompt}).json()["tokens"])
+    n_prompt = len(client.post("/tokenize", json={"inputs": prompt}).json())
     done = oai.completions.create(
         model=model, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True
     )
@@ -97,8 +103,8 @@ def test_logprobs_and_echo(oai: openai.OpenAI, model: str, client: httpx.Client)
     assert choice.text.startswith(prompt)
     lp = choice.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n_prompt + 5
-    assert lp.token_logprobs[:n_prompt] == [None] * n_prompt
-    assert all(x <= 0 for x in lp.token_logprobs[n_prompt:])
+    assert lp.token_logprobs[0] is None  # no context: null, as OpenAI (the rest: real)
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[n_prompt:])
     assert lp.text_offset == sorted(lp.text_offset)
     only = oai.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True)
@@ -121,22 +127,24 @@ def test_logit_bias_forces_a_token(oai: openai.OpenAI, model: str) -> None:
 
 
 def test_errors_carry_the_message(oai: openai.OpenAI, model: str) -> None:
+    """Request errors are OpenAI's: 400 invalid_request_error naming the field."""
     cases = [
         ({"n": 2, "temperature": 0}, "n"),  # greedy gives one sequence
         ({"max_tokens": 5000}, "max_tokens"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logprobs": 21}, "logprobs"),
         ({"extra_body": {"top_kk": 3}}, "top_kk"),
         ({"extra_body": {"top_k": -1}}, "top_k"),
         ({"suffix": "끝"}, "suffix"),
     ]
     for kwargs, param in cases:
-        with pytest.raises(openai.UnprocessableEntityError) as info:
+        with pytest.raises(openai.BadRequestError) as info:
             oai.completions.create(model=model, prompt="국민은", **{"max_tokens": 4, **kwargs})
         err = info.value
-        assert err.status_code == 422 and err.param == param, (kwargs, err.body)
-        assert param in err.message, err.message
-    with pytest.raises(openai.UnprocessableEntityError, match=r"\d+ tokens but at most \d+"):
+        assert err.status_code == 400 and err.param == param, (kwargs, err.body)
+        assert err.type == "invalid_request_error" and param in err.message, err.message
+    with pytest.raises(openai.BadRequestError, match="maximum context length is") as info:
         oai.completions.create(model=model, prompt="가 " * 2000, max_tokens=4)
+    assert info.value.code == "context_length_exceeded" and info.value.param == "prompt"
 
 
 def test_n_and_best_of(oai: openai.OpenAI, model: str, client: httpx.Client) -> None:

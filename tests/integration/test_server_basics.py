@@ -28,6 +28,8 @@ def test_info_reports_model_and_limits(client: httpx.Client) -> None:
     assert info["max_total_tokens"] == 1024 and info["max_input_tokens"] == 1023
     assert info["kv_cache"]["num_blocks"] == 512
     assert info["device"] == "cpu" and info["dtype"] == "float32"
+    # float32 CPU: the C kernel reads the paged blocks in place (CUDA: "triton")
+    assert info["decode_kernel"] == ("native" if info["native_kernels"] else None)
     assert info["linear_backend"] in ("aten", "mkldnn")
     assert info["generate_matches_transformers"] == MATCHED_TRANSFORMERS
     assert info["max_request_sequences"] == 1024

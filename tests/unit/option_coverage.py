@@ -48,6 +48,15 @@ SPEC_DRAFT = (
 )
 
 
+_PEN = "tests/unit/test_penalties.py::"
+PEN_ENGINE, PEN_HAND = (
+    _PEN + "test_engine_equals_the_reference_loop",
+    _PEN + "test_hand_computed_values",
+)
+PEN_TGI = "tests/integration/test_tgi_semantics.py::test_frequency_penalty_on_tgi_routes"
+PEN_OAI = "tests/integration/test_tgi_semantics.py::test_penalties_on_openai_routes"
+
+
 _CB = "tests/unit/test_class_b_"
 CB_REF = _CB + "reference.py::test_same_tokens_as_transformers_4"
 CB_VALID = _CB + "options.py::test_invalid_values_name_field_and_range"
@@ -169,6 +178,7 @@ COVERAGE: dict[str, tuple[str, ...]] = {
     "truncate": (T_DETAILS,),
     "best_of": (_TGI + "test_best_of",),
     "watermark": (OC_ALIASES,),
-    "frequency_penalty": (OC_B,),
+    "frequency_penalty": (PEN_ENGINE, PEN_HAND, PEN_TGI),
+    "presence_penalty": (PEN_ENGINE, PEN_HAND, PEN_OAI),
     "adapter_id": (OC_B,),
 }

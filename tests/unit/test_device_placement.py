@@ -23,10 +23,13 @@ from app.engine.sample import seeded_draw
 from app.engine.sample.row import SamplingRow
 from app.engine.sample.sampler import Sampler
 from app.engine.step_timing import StepTimer
+from app.modeling import gpt2
 from app.modeling.attention_metadata import SeqChunk, build_step_input
+from app.modeling.cuda_graphs import DecodeGraphs
 from app.modeling.gpt2 import PagedGPT2
 from app.modeling.kv_cache import KVCache
 from app.modeling.loader import load_model, select_device
+from app.modeling.static_decode import DecodeShape
 from app.options.resolve import resolve_sampling_params
 from tests.unit.fake_cuda import (
     CUDA,
@@ -145,6 +148,7 @@ SAMPLER_CASES: list[dict[str, Any]] = [
     {"temperature": 0.7, "top_k": 5},  # the small-k top-k path
     {"temperature": 1.3, "top_k": 0, "top_p": 0.8},  # full-row warpers
     {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2},
+    {"frequency_penalty": 0.5, "presence_penalty": -0.3, "repetition_penalty": 1.2},
     {"sequence_bias": [[[9], -2.0], [[6, 9], 1.5]], "bad_words_ids": [[12], [7, 13]]},
     {"suppress_tokens": [9, 10], "begin_suppress_tokens": [11, EOS]},
     {"min_new_tokens": 5, "min_length": 6},
@@ -282,3 +286,48 @@ def test_paged_forward_stays_on_the_model_device(monkeypatch: pytest.MonkeyPatch
         logits = model.forward(step, kv)
         assert logits.device == CUDA
         assert logits.shape == (len(STEP_CHUNKS), VOCAB)
+
+
+def test_paged_forward_with_the_triton_kernel_stays_on_the_model_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CUDA forward: decodes and short chunks through torch.ops.kogpt.paged_decode_attention
+    (its fake implementation checks every argument's device; no triton needed)."""
+    monkeypatch.setattr(gpt2, "triton_available", lambda: (True, ""))
+    hf = tiny_hf_model().to(torch.bfloat16)  # the server's default dtype on CUDA
+    step = build_step_input(STEP_CHUNKS, 4, "cpu", max_positions=64, paged_decode=True)
+    assert step.paged_decode is not None and step.decode == []
+    with fake_cuda(monkeypatch):
+        move_module(hf)
+        model = PagedGPT2.from_hf(hf)
+        assert model.decode_kernel() == "triton" and model.paged_decode
+        kv = KVCache.allocate(hf.config, 8, 4, torch.bfloat16, CUDA)
+        cuda_step = _replace_tensors(step, fake_like)
+        logits = model.forward(cuda_step, kv)
+        assert logits.device == CUDA and logits.dtype == torch.bfloat16
+        assert logits.shape == (len(STEP_CHUNKS), VOCAB)
+        # A table left on the host is refused, as the kernel would fault on it.
+        host_tables = dataclasses.replace(
+            cuda_step.paged_decode, block_tables=step.paged_decode.block_tables
+        )
+        with pytest.raises(ValueError, match="block_tables is on cpu"):
+            model.forward(dataclasses.replace(cuda_step, paged_decode=host_tables), kv)
+
+
+def test_padded_decode_with_the_triton_kernel_stays_on_the_model_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The graphed decode step as captured on CUDA: one context bucket, the Triton op."""
+    monkeypatch.setattr(gpt2, "triton_available", lambda: (True, ""))
+    hf = tiny_hf_model().to(torch.float16)
+    seqs = [SeqChunk([9], 5, [2, 3]), SeqChunk([4], 0, [1]), SeqChunk([7], 30, list(range(8)))]
+    with fake_cuda(monkeypatch):
+        move_module(hf)
+        model = PagedGPT2.from_hf(hf)
+        kv = KVCache.allocate(hf.config, 9, 4, torch.float16, CUDA)
+        graphs = DecodeGraphs(model, kv, max_num_seqs=4, scratch_block=8)
+        assert graphs.paged_attention and graphs.context_blocks == [16]
+        shape = graphs.shape_for(seqs)
+        assert shape == DecodeShape(4, 16)
+        logits = graphs.run(shape, graphs.prepare(seqs, shape))
+        assert logits.device == CUDA and logits.shape == (3, VOCAB)

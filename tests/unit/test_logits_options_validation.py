@@ -71,8 +71,8 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"watermarking_config": {"colour": 1}}, "watermarking_config", "unknown"),
     ({"watermarking_config": 3}, "watermarking_config", "object"),
     ({"watermarking_config": {"hashing_key": 2**64}}, "watermarking_config", "2**64 - 1"),
-    ({"top_n_tokens": 6}, "top_n_tokens", "[0, 5]"),
-    ({"top_n_tokens": -1}, "top_n_tokens", "[0, 5]"),
+    ({"top_n_tokens": 21}, "top_n_tokens", "[0, 20]"),
+    ({"top_n_tokens": -1}, "top_n_tokens", "[0, 20]"),
 ]
 
 

@@ -168,9 +168,10 @@ BOUND_KEYWORDS = {"ge", "gt", "le", "lt"}
 # which are not generate options.
 OWN_BOUNDS = {
     ("app/config.py", None),
-    ("app/api/protocol/openai.py", "presence_penalty"),
-    ("app/api/protocol/openai.py", "frequency_penalty"),
     ("app/api/protocol/openai.py", "max_tokens"),  # OpenAI's: 0 allowed (with echo)
+    ("app/api/protocol/openai.py", "truncate_prompt_tokens"),  # vLLM's: -1 = the most
+    # vLLM's prompt log-probs: a request field, not a generate option of the registry
+    ("app/api/protocol/openai.py", "prompt_logprobs"),
 }
 
 

@@ -71,7 +71,7 @@ def openai(state: ServerState, fields: dict[str, Any]) -> SamplingParams:
     """What POST /v1/completions does before it runs one prompt."""
     body = parse(CompletionRequest, {"prompt": PROMPT, **fields})
     options, renames, _ = completion_options(body)
-    ((ids, _, field),) = prompt_list(state, body.prompt)
+    ((ids, _, field),) = prompt_list(state, body, options["max_new_tokens"])
     return build_params(state, options, len(ids), {**renames, "inputs": field})
 
 
@@ -127,7 +127,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], dict[str, Any]]] = {
     "repetition_penalty": (lambda x: finite(x) and x > 0, SAMPLING),
     "no_repeat_ngram_size": (ints(0), SAMPLING),
     "min_new_tokens": (ints(0, 8), SAMPLING),
-    "top_n_tokens": (ints(0, 5), SAMPLING),
+    "top_n_tokens": (ints(0, 20), SAMPLING),
     "seed": (ints(SEED_MIN, SEED_MAX), SAMPLING),
     "max_time": (lambda x: finite(x) and x > 0, SAMPLING),
     "length_penalty": (finite, SAMPLING),
@@ -165,6 +165,14 @@ def test_few_shot_validates_as_generate(state: ServerState, params: dict[str, An
     params = {"max_new_tokens": 8, **params}
     # The few-shot prompt is longer, so near the context limit only it may be too long.
     assume(not isinstance(params["max_new_tokens"], int) or params["max_new_tokens"] <= 128)
+    # /generate follows TGI: a warper that is set turns sampling on (temperature 0: greedy);
+    # few-shot keeps generate's rule, so it is asked for sampling explicitly.
+    warpers = [
+        n
+        for n in ("temperature", "top_k", "top_p", "typical_p")
+        if n in params and not (n == "temperature" and params[n] == 0)
+    ]
+    shot_params = {**params, "do_sample": True} if warpers else params
 
     def verdict(call: Callable[[], Any]) -> str | None:
         try:
@@ -174,17 +182,17 @@ def test_few_shot_validates_as_generate(state: ServerState, params: dict[str, An
             return err.field
         return None
 
-    assert verdict(lambda: tgi(state, params)) == verdict(lambda: few_shot(state, params))
+    assert verdict(lambda: tgi(state, params)) == verdict(lambda: few_shot(state, shot_params))
 
 
 OPENAI_FIELDS: dict[str, tuple[Callable[[Any], bool], dict[str, Any]]] = {
     "temperature": (lambda x: finite(x) and x >= 0, {}),  # 0 = greedy
     "top_p": (unit(True, False), {}),
     "max_tokens": (ints(1, TOTAL), {}),
-    "logprobs": (ints(0, 5), {}),
+    "logprobs": (ints(0, 20), {}),
     "n": (ints(1, 8), {"temperature": 1.0, "max_tokens": 2}),
-    "presence_penalty": (lambda x: finite(x) and x == 0, {}),
-    "frequency_penalty": (lambda x: finite(x) and x == 0, {}),
+    "presence_penalty": (lambda x: finite(x) and -2 <= x <= 2, {}),
+    "frequency_penalty": (lambda x: finite(x) and -2 <= x <= 2, {}),
     "seed": (ints(SEED_MIN, SEED_MAX), {}),
 }
 
@@ -290,7 +298,11 @@ def test_valid_combinations_resolve_to_what_was_asked(
         "num_beams": beams,
         "num_return_sequences": returned,
     }
-    params = tgi(state, options)
+    params = few_shot(state, options)  # generate's rules
     got = {name: getattr(params, name) for name in options}
     assert got == options
     assert GenerateOptions.model_validate(options).engine_options() == options
+    # /generate follows TGI: temperature (> 0 here) is set, so it samples, with a seed.
+    params = tgi(state, options)
+    got = {name: getattr(params, name) for name in options}
+    assert got == {**options, "do_sample": True} and params.seed is not None

@@ -2,7 +2,8 @@
 
 As on /v1/completions, a field not listed here is collected (extra="allow") and validated as
 a generate option, so `extra_body={"top_k": 20, "repetition_penalty": 1.2}` works and a typo
-is a 422 that names it.
+is a 400 that names it; the vLLM / sglang extensions and the ignored OpenAI fields are
+OpenAIRequestFields'.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.protocol.openai import OpenAIRequestFields, Usage
+from app.api.protocol.openai import OpenAIRequestFields, PromptLogprobs, Usage
 from app.options.registry import option_range
 
 _NEW_TOKENS = option_range("max_new_tokens").bounds()
@@ -78,6 +79,16 @@ class ChatCompletionRequest(OpenAIRequestFields):
         description=f"Alternatives per token (0..{_TOP.upper}); needs logprobs: true.",
         **_TOP.bounds(),
     )
+    continue_final_message: bool | None = Field(
+        default=None,
+        description="vLLM: the prompt ends inside the last message (no generation prompt) and "
+        "the model continues it.",
+    )
+    echo: bool | None = Field(
+        default=None,
+        description="vLLM: a last assistant message is repeated before the answer (with "
+        "continue_final_message: the whole message).",
+    )
 
 
 class TopLogprob(BaseModel):
@@ -109,6 +120,9 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
+    token_ids: list[int] | None = Field(
+        default=None, description="With return_token_ids (vLLM): the generated ids."
+    )
 
 
 class ChatCompletionResponse(BaseModel):
@@ -141,6 +155,13 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = Field(
+        default=None, description="With return_token_ids (vLLM): the rendered prompt's ids."
+    )
+    prompt_logprobs: PromptLogprobs | None = Field(
+        default=None,
+        description="With prompt_logprobs (vLLM; not streamed): the rendered prompt's log-probs.",
+    )
 
 
 class ChatDelta(BaseModel):
@@ -153,6 +174,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -20,6 +20,8 @@ from app.options.schema import option_field, option_fields
 
 DETAILS_FLAGS = (*DETAILS_OPTIONS, *EXACT_LANE_OPTIONS)
 TGI_ONLY = names(model=TGI_MODEL)  # TGI's own parameters (not generate options)
+# Set (not null), any of these turns sampling on at TGI's routes (TGI's validation.rs).
+TGI_SAMPLING_WARPERS = ("temperature", "top_k", "top_p", "typical_p")
 
 
 class _TGIParameters(GenerateOptions):  # type: ignore[misc, valid-type]
@@ -59,8 +61,23 @@ class _TGIParameters(GenerateOptions):  # type: ignore[misc, valid-type]
             renames["watermarking_config"] = "watermark"
         if self.adapter_id is not None:  # the registry rejects it (split_options)
             data["adapter_id"] = self.adapter_id
-        if self.frequency_penalty is not None and self.frequency_penalty != 0:
-            data["frequency_penalty"] = self.frequency_penalty
+        return data, renames
+
+    def tgi_options(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """`generate_options` with TGI's rule on top (router/src/validation.rs): sampling is
+        on when `do_sample` is true or any of temperature / top_k / top_p / typical_p is set
+        (`model.generate` samples only with do_sample=true). Departures for what TGI does not
+        have: temperature 0 (which TGI refuses) means greedy, and top_k with penalty_alpha is
+        contrastive search's candidate count; neither turns sampling on. For /generate,
+        /generate_stream and POST / only; few-shot and /v1 keep `model.generate`'s rule."""
+        data, renames = self.generate_options()
+        warpers = [n for n in TGI_SAMPLING_WARPERS if data.get(n) is not None]
+        if data.get("temperature") == 0:
+            warpers.remove("temperature")
+        if data.get("penalty_alpha") and "top_k" in warpers:
+            warpers.remove("top_k")
+        if warpers:
+            data["do_sample"] = True
         return data, renames
 
 
@@ -70,7 +87,9 @@ GenerateParameters = create_model(
     __doc__="""Generate options: every `model.generate` option plus TGI's own parameters.
 
 Omitted (or null) options take the checkpoint's generation_config defaults exactly as
-`model.generate` does (greedy, 20 new tokens, top_k 50 when sampling, ...).
+`model.generate` does (greedy, 20 new tokens, top_k 50 when sampling, ...). On /generate,
+/generate_stream and POST / TGI's rule applies on top: a temperature (other than 0), top_k,
+top_p or typical_p that is set turns sampling on; /few-shot keeps `model.generate`'s.
 Unknown fields are rejected with 422 so a typo is never silently ignored.""",
     __module__=__name__,
     **option_fields(TGI_ONLY),
@@ -266,6 +285,16 @@ class InfoResponse(BaseModel):
         "attention reading the paged KV blocks in place and a one-pass gelu_new; false: torch "
         "ops only (block gather + SDPA attention)."
     )
+    decode_kernel: str | None = Field(
+        default=None,
+        description="The kernel decode attention reads the paged K/V blocks with: `native` "
+        "(C, float32 CPU), `triton` (CUDA), or null (blocks gathered, then SDPA).",
+    )
+    batch_invariant: bool = Field(
+        description="Whether steps run batch-invariant (--batch-invariant; float32 on CPU): a "
+        "request's logits and log-probs do not depend on the rest of its batch or on how its "
+        "tokens were scheduled (docs/reproducibility.md)."
+    )
     config: dict[str, Any]
     max_input_tokens: int
     max_input_length: int = Field(description="TGI's name for max_input_tokens.")
@@ -282,23 +311,13 @@ class InfoResponse(BaseModel):
     max_constraint_work: int = Field(
         description="Most constraint tokens x num_beams one constrained beam search may take."
     )
+    max_contrastive_work: int = Field(
+        description="Most top_k x positions (prompt + new tokens) of one contrastive search."
+    )
+    max_dola_work: int = Field(
+        description="Most premature layers x vocabulary logits one DoLa step may compute."
+    )
     kv_cache: KVCacheInfo
-
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        json_schema_extra={"examples": [{"inputs": "대한민국은 민주공화국이다."}]},
-    )
-
-    inputs: str = Field(description="Text to tokenize.")
-    add_special_tokens: bool = Field(
-        default=False, description="Add the tokenizer's special tokens (the server never does)."
-    )
-    parameters: dict[str, Any] | None = Field(
-        default=None, description="Ignored (TGI clients send it)."
-    )
 
 
 class TokenInfo(BaseModel):
@@ -306,21 +325,6 @@ class TokenInfo(BaseModel):
     text: str = Field(description="The token's text (may be a partial character).")
     start: int = Field(description="Character offset of the token's text in `inputs`.")
     stop: int
-
-
-class TokenizeResponse(BaseModel):
-    tokens: list[TokenInfo]
-    count: int
-    max_input_tokens: int
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", strict=True, json_schema_extra={"examples": [{"ids": [9349, 10034, 7235]}]}
-    )
-
-    ids: list[int] = Field(description="Token ids.")
-    skip_special_tokens: bool = True
 
 
 class DetokenizeResponse(BaseModel):

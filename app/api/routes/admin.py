@@ -9,16 +9,20 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api.errors import APIError
 from app.api.protocol.tgi import (
-    DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
     HealthResponse,
     InfoResponse,
     ReadyResponse,
     TokenInfo,
-    TokenizeRequest,
-    TokenizeResponse,
 )
+from app.api.protocol.tokenize import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    VLLMDetokenizeResponse,
+    VLLMTokenizeResponse,
+)
+from app.api.routes.chat import render_messages
 from app.metrics import CONTENT_TYPE
 from app.options.checks import ParamValidationError
 from app.options.resolve import resolve_sampling_params
@@ -90,43 +94,64 @@ async def info(state: ServerState = Depends(get_state)) -> InfoResponse:
 
 @router.post(
     "/tokenize",
-    response_model=TokenizeResponse,
+    response_model=list[TokenInfo] | VLLMTokenizeResponse,
     responses={**_AUTH_ERRORS, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
     summary="Tokenize text",
 )
 async def tokenize(
     body: TokenizeRequest, state: ServerState = Depends(get_state)
-) -> TokenizeResponse:
-    """Token ids of `inputs` with each token's text and character span (as the server
-    tokenizes prompts: no special tokens unless asked)."""
+) -> list[TokenInfo] | VLLMTokenizeResponse:
+    """TGI's `{"inputs"}`: TGI's answer, the list of the text's tokens with each one's id,
+    text and character span (as the server tokenizes prompts: no special tokens unless
+    asked). vLLM's `{"prompt"}` or
+    `{"messages"}` (rendered as /v1/chat/completions does): vLLM's answer, the ids, their
+    count and max_model_len."""
+    if body.vllm:
+        return vllm_tokenize(state, body)
+    text = body.inputs or ""
     enc = state.tokenizer(
-        body.inputs, add_special_tokens=body.add_special_tokens, return_offsets_mapping=True
+        text, add_special_tokens=bool(body.add_special_tokens), return_offsets_mapping=True
     )
-    tokens = [
-        TokenInfo(id=t, text=body.inputs[a:b], start=a, stop=b)
+    return [
+        TokenInfo(id=t, text=text[a:b], start=a, stop=b)
         for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
     ]
-    return TokenizeResponse(
-        tokens=tokens, count=len(tokens), max_input_tokens=state.max_input_tokens
+
+
+def vllm_tokenize(state: ServerState, body: TokenizeRequest) -> VLLMTokenizeResponse:
+    """vLLM's /tokenize: `messages` rendered by the chat route's template (no length check:
+    this is how a client measures a prompt)."""
+    if body.messages is not None:
+        ids, _ = render_messages(state, body.messages, bool(body.continue_final_message))
+    else:
+        add = body.add_special_tokens is not False  # vLLM's default: true
+        ids = list(state.tokenizer(body.prompt or "", add_special_tokens=add)["input_ids"])
+    strs = None
+    if body.return_token_strs:
+        strs = state.tokenizer.convert_ids_to_tokens(ids)
+    return VLLMTokenizeResponse(
+        count=len(ids), max_model_len=state.max_total_tokens, tokens=ids, token_strs=strs
     )
 
 
 @router.post(
     "/detokenize",
-    response_model=DetokenizeResponse,
+    response_model=DetokenizeResponse | VLLMDetokenizeResponse,
     responses={**_AUTH_ERRORS, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
     summary="Decode token ids",
 )
 async def detokenize(
     body: DetokenizeRequest, state: ServerState = Depends(get_state)
-) -> DetokenizeResponse:
-    """Text of the token ids (special tokens skipped unless `skip_special_tokens` is false)."""
+) -> DetokenizeResponse | VLLMDetokenizeResponse:
+    """Text of the token ids (special tokens skipped unless `skip_special_tokens` is false):
+    `{"ids"}` -> `{"text"}`; vLLM's `{"tokens"}` -> `{"prompt"}`."""
+    field = "ids" if body.ids is not None else "tokens"
     vocab = len(state.tokenizer)
-    bad = next((t for t in body.ids if not 0 <= t < vocab), None)
+    bad = next((t for t in body.token_ids if not 0 <= t < vocab), None)
     if bad is not None:
-        raise APIError(422, f"`ids` has token id {bad}, outside [0, {vocab})", field="ids")
-    text = state.tokenizer.decode(body.ids, skip_special_tokens=body.skip_special_tokens)
-    return DetokenizeResponse(text=text)
+        raise APIError(422, f"`{field}` has token id {bad}, outside [0, {vocab})", field=field)
+    text = state.tokenizer.decode(body.token_ids, skip_special_tokens=body.skip_special_tokens)
+    return DetokenizeResponse(text=text) if field == "ids" else VLLMDetokenizeResponse(prompt=text)
 
 
 @router.get(

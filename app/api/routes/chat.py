@@ -27,15 +27,28 @@ from app.api.protocol.chat import (
     ChatCompletionResponse,
     ChatMessage,
 )
-from app.api.protocol.openai import CompletionRequest, Usage
-from app.api.protocol.openai_options import completion_options, finish_reason
-from app.api.routes.openai import ERRORS, check_model
+from app.api.protocol.openai import CompletionRequest, PromptLogprobs, Usage
+from app.api.protocol.openai_options import (
+    apply_output_flags,
+    apply_stop_token_ids,
+    check_request_fields,
+    completion_options,
+    finish_reason,
+    truncate_prompt,
+    vllm_prompt_logprobs,
+)
+from app.api.routes.openai import (
+    ERRORS,
+    check_context,
+    check_model,
+    check_prompt_fits,
+    default_eos_ids,
+)
 from app.api.serving import (
     Completion,
     RequestContext,
     admit,
     build_params,
-    check_prompt_ids,
     run_to_completion,
     stream_request,
     token_steps,
@@ -52,8 +65,8 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 # Legacy-completions fields that chat does not have: as extra fields they are unknown, not
 # options. Other CompletionRequest fields sent as extras (e.g. response_format, where served)
-# pass through the shared mapping.
-COMPLETION_ONLY = frozenset({"prompt", "suffix", "best_of", "echo"})
+# pass through the shared mapping. (`echo` is a chat field too: vLLM's, below.)
+COMPLETION_ONLY = frozenset({"prompt", "suffix", "best_of"})
 EXAMPLES = {
     "chat": {"summary": "A conversation with a system message", "value": CHAT_EXAMPLE},
     "stream": {
@@ -70,10 +83,13 @@ EXAMPLES = {
 }
 
 
-def chat_prompt(state: ServerState, messages: list[ChatMessage]) -> tuple[list[int], str]:
-    """The rendered prompt's token ids and text (a 422 naming `messages` when the template
-    rejects the conversation or the prompt is too long). Special-token text in the contents
-    is encoded as ordinary tokens unless --chat-allow-special-tokens."""
+def render_messages(
+    state: ServerState, messages: list[ChatMessage], continue_final: bool = False
+) -> tuple[list[int], str]:
+    """The chat template's prompt for the messages: its token ids and text (a 422 naming
+    `messages` when the template rejects them). Special-token text in the contents is
+    encoded as ordinary tokens unless --chat-allow-special-tokens. `continue_final`
+    (vLLM's continue_final_message): the prompt ends inside the last message."""
     conversation = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in messages
@@ -81,23 +97,40 @@ def chat_prompt(state: ServerState, messages: list[ChatMessage]) -> tuple[list[i
     template = resolve_template(state.settings.chat_template, state.tokenizer)
     allow = state.settings.chat_allow_special_tokens
     try:
-        prompt = render_chat_prompt(state.tokenizer, conversation, template, allow)
+        prompt = render_chat_prompt(state.tokenizer, conversation, template, allow, continue_final)
         ids = encode_prompt(state.tokenizer, prompt)
     except jinja2.TemplateError as exc:
         message = f"`messages`: the chat template ({template.source}) rejected them: {exc}"
         raise APIError(422, message, field="messages") from exc
     except PlainTextError as exc:
         raise APIError(422, f"`messages`: {exc}", field="messages") from exc
-    check_prompt_ids(state, ids, "messages")
+    except ValueError as exc:  # apply_chat_template's continue_final_message checks
+        if not continue_final:
+            raise
+        message = f"`continue_final_message`: the last message cannot be continued: {exc}"
+        raise APIError(422, message, field="continue_final_message") from exc
     return ids, prompt.text
+
+
+def chat_prompt(
+    state: ServerState, messages: list[ChatMessage], body: ChatCompletionRequest | None = None
+) -> tuple[list[int], str]:
+    """The rendered prompt's token ids and text, checked (a 400 naming `messages` when the
+    prompt is too long, in OpenAI's words). `body`'s continue_final_message and
+    truncate_prompt_tokens (vLLM) apply."""
+    continue_final = bool(body and body.continue_final_message)
+    ids, text = render_messages(state, messages, continue_final)
+    if body is not None and body.truncate_prompt_tokens is not None:
+        kept = truncate_prompt(ids, body.truncate_prompt_tokens, state.max_input_tokens)
+        ids, text = kept, text if len(kept) == len(ids) else state.tokenizer.decode(kept)
+    given = None if body is None else body.max_completion_tokens or body.max_tokens
+    check_prompt_fits(state, ids, "messages", given or 0)
+    return ids, text
 
 
 def stop_token_ids(state: ServerState) -> list[int]:
     """The checkpoint's eos (as generate takes it) plus the `<usr>` turn marker."""
-    eos = state.generation_defaults().get("eos_token_id")
-    if eos is None:
-        eos = state.tokenizer.eos_token_id
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ids = default_eos_ids(state)
     return ids + [t for t in turn_stop_token_ids(state.tokenizer) if t not in ids]
 
 
@@ -133,11 +166,17 @@ def chat_options(
         "logit_bias": body.logit_bias,
         "user": body.user,
         "response_format": body.response_format,
+        "min_tokens": body.min_tokens,
+        "ignore_eos": body.ignore_eos,
     }
     options, renames, n = completion_options(CompletionRequest.model_validate({**extras, **fields}))
     renames.update(max_new_tokens=max_field, top_n_tokens="top_logprobs", inputs="messages")
-    if "eos_token_id" not in extras and not extras.get("ignore_eos"):
+    if body.stop_token_ids:  # added to the chat's stop ids (eos + <usr>, unless ignore_eos)
+        apply_stop_token_ids(options, renames, body.stop_token_ids, stop_token_ids(state))
+    elif "eos_token_id" not in extras and not body.ignore_eos:
         options["eos_token_id"] = stop_token_ids(state)
+    if given:
+        check_context(state, options, renames, len(ids))
     return options, renames, n
 
 
@@ -152,9 +191,14 @@ class ChatBuilder:
 
     def __init__(self, state: ServerState, body: ChatCompletionRequest, ids: list[int], n: int):
         self.state, self.body, self.prompt_tokens, self.n = state, body, len(ids), n
+        self.prompt_ids = ids
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.k: int | None = (body.top_logprobs or 0) if body.logprobs else None
+        # vLLM's chat echo: a last assistant message (the one continue_final_message
+        # continues) is repeated before the answer.
+        last = body.messages[-1]
+        self.echo = last.text() if body.echo and last.role == "assistant" else ""
 
     def usage(self, completion_tokens: int) -> Usage:
         total = self.prompt_tokens + completion_tokens
@@ -180,12 +224,14 @@ class ChatBuilder:
         return {"content": content, "refusal": None}
 
     def response(self, completions: list[Completion]) -> ChatCompletionResponse:
+        token_ids = bool(self.body.return_token_ids)  # vLLM's return_token_ids
         choices = [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": {"role": "assistant", "content": self.echo + c.text},
                 "logprobs": self.logprobs(c.steps),
                 "finish_reason": finish_reason(c.finish_reason) or "length",
+                "token_ids": c.token_ids if token_ids else None,
             }
             for c in completions
         ]
@@ -196,8 +242,17 @@ class ChatBuilder:
                 "model": self.state.model_name,
                 "choices": choices,
                 "usage": self.usage(sum(len(c.steps) for c in completions)),
+                "prompt_token_ids": self.prompt_ids if token_ids else None,
+                "prompt_logprobs": self.prompt_logprobs(completions),
             }
         )
+
+    def prompt_logprobs(self, completions: list[Completion]) -> PromptLogprobs | None:
+        k = self.body.prompt_logprobs
+        computed = completions[0].prompt_logprobs if completions else None
+        if k is None or computed is None:
+            return None
+        return vllm_prompt_logprobs(self.state.tokenizer, computed, k)
 
     def chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
         return sse_event(
@@ -221,6 +276,8 @@ class ChatBuilder:
         """Per choice: a role delta, content deltas (one choice per chunk), a finish chunk."""
         for index in range(self.n):
             yield self.chunk([self.choice(index, {"role": "assistant", "content": ""})])
+            if self.echo:
+                yield self.chunk([self.choice(index, {"content": self.echo})])
         generated = 0
         finished: set[int] = set()
         async with aclosing(stream_request(self.state, ctx, ids, params)) as outputs:
@@ -228,11 +285,12 @@ class ChatBuilder:
                 for seq in out.outputs:
                     steps = token_steps(seq)
                     generated += len(steps)
-                    if seq.text or (steps and self.k is not None):
+                    if seq.text or (steps and (self.k is not None or self.body.return_token_ids)):
                         lp = self.logprobs(steps)
-                        yield self.chunk(
-                            [self.choice(seq.index, {"content": seq.text}, logprobs=lp)]
-                        )
+                        extra = {"logprobs": lp}
+                        if self.body.return_token_ids:
+                            extra["token_ids"] = [step.id for step in steps]
+                        yield self.chunk([self.choice(seq.index, {"content": seq.text}, **extra)])
                     if seq.finish_reason is not None and seq.index not in finished:
                         finished.add(seq.index)
                         reason = finish_reason(seq.finish_reason) or "length"
@@ -273,9 +331,13 @@ async def chat_completions(
     answer ends at `</s>` or at the next `<usr>`. Any generate option may be added as an extra
     field (the `openai` package's `extra_body`)."""
     check_model(state, body.model)
-    ids, text = chat_prompt(state, body.messages)
+    check_request_fields(body, request.url.path)
+    ids, text = chat_prompt(state, body.messages, body)
     options, renames, n = chat_options(state, body, ids)
     params = build_params(state, options, len(ids), renames, logprobs=bool(body.logprobs))
+    apply_output_flags(params, body)
+    if not body.stream:  # vLLM's prompt_logprobs, in the JSON answer
+        params.prompt_logprobs = body.prompt_logprobs
     request_id = getattr(request.state, "request_id", "-")
     ctx = RequestContext(request.url.path, request_id, body.user, text)
     builder = ChatBuilder(state, body, ids, n)

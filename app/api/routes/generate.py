@@ -2,11 +2,15 @@
 
 Wire format as text-generation-inference: the `text-generation` client and
 `huggingface_hub.InferenceClient(base_url).text_generation(...)` work unchanged (they post to
-`/` with `stream`; a non-streaming `/` answers a one-element list, as TGI does).
+`/` with `stream`; a non-streaming `/` answers a one-element list, as TGI does). Where TGI and
+`model.generate` differ these routes follow TGI (docs/api.md's table): a set warper turns
+sampling on (`tgi_options`), a matched stop sequence stays in the text and `details.seed`
+reports the seed used, chosen here when none was sent (`follow_tgi`).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -119,13 +123,16 @@ def prepare(state: ServerState, body: GenerateRequest, stream: bool = False) -> 
     if truncate is not None and len(prompt_ids) > truncate:
         prompt_ids = prompt_ids[-truncate:]
     check_prompt_ids(state, prompt_ids, field)
-    options, renames = body.parameters.generate_options()
+    options, renames = body.parameters.tgi_options()  # TGI: warpers turn sampling on
     renames = {"inputs": field, **renames}
     # Streams show every token's log-prob, details show them (ranking: build_params).
     wanted = stream or body.parameters.details
     params = build_params(
         state, options, len(prompt_ids), renames, exact_lane=not stream, logprobs=wanted
     )
+    follow_tgi(params)
+    if body.parameters.details and body.parameters.decoder_input_details and not stream:
+        params.prompt_logprobs = 0  # details.prefill: each prompt token's log-prob (TGI)
     exact = exact_outputs(options)
     if exact:
         check_diagnostics_cap(state, len(prompt_ids), params, exact)
@@ -135,6 +142,21 @@ def prepare(state: ServerState, body: GenerateRequest, stream: bool = False) -> 
         prompt_text = body.inputs
     admit(state)
     return Prepared(prompt_ids, prompt_text, params, body.parameters, exact)
+
+
+def follow_tgi(params: SamplingParams) -> None:
+    """TGI's output rules on top of the resolved options: the text keeps a matched stop
+    sequence (TGI, and generate(stop_strings=)); unseeded sampling gets a server-chosen seed
+    that is then used, so `details.seed` always reports a seed that replays the request."""
+    params.include_stop_str_in_output = True
+    if params.do_sample and params.seed is None:
+        # 53 bits: a JSON number every client (JavaScript included) reads back exactly.
+        params.seed = secrets.randbits(53)
+
+
+def reported_seed(params: SamplingParams) -> int | None:
+    """`details.seed`: the seed sampling used; null for greedy and beam search (TGI)."""
+    return params.seed if params.do_sample else None
 
 
 def context(request: Request, endpoint: str, prompt_text: str | None = None) -> RequestContext:
@@ -168,17 +190,24 @@ def build_response(
     special = special_ids(state)
     want_top = getattr(prep.params, "top_n_tokens", 0) > 0
     prefill = []
-    if prep.parameters.decoder_input_details:
+    if prep.parameters.decoder_input_details:  # TGI: the first token's logprob is null
+        computed = best.prompt_logprobs
+        if computed is None or len(computed) != len(prep.prompt_ids):  # token healing
+            computed = [None] * len(prep.prompt_ids)
         prefill = [
-            InputToken(id=t, text=state.tokenizer.decode([t]), logprob=None)
-            for t in prep.prompt_ids
+            InputToken(
+                id=t,
+                text=state.tokenizer.decode([t]),
+                logprob=None if entry is None else entry.logprob,
+            )
+            for t, entry in zip(prep.prompt_ids, computed, strict=True)
         ]
 
     def parts(c: Completion) -> dict[str, Any]:
         return {
             "finish_reason": finish_name(c.finish_reason),
             "generated_tokens": len(c.steps),
-            "seed": prep.params.seed,
+            "seed": reported_seed(prep.params),
             "prefill": prefill,
             "tokens": [to_token(s, special) for s in c.steps],
             "top_tokens": [top_tokens(s, special, state) for s in c.steps] if want_top else None,
@@ -257,7 +286,7 @@ async def tgi_events(
         "finish_reason": finish_name(reason),
         "generated_tokens": count,
         "input_length": len(prep.prompt_ids),
-        "seed": prep.params.seed,
+        "seed": reported_seed(prep.params),
     }
     pending.update(final_extra or {})
     yield sse_event(pending)

@@ -1,7 +1,9 @@
 """OpenAI-compatible routes: POST /v1/completions, GET /v1/models[/{model}].
 
 The `openai` package works unchanged, streaming or not, `extra_body` options included.
-Errors on /v1/* use OpenAI's envelope {"error": {"message", "type", "param", "code"}}.
+Errors on /v1/* use OpenAI's envelope {"error": {"message", "type", "param", "code"}}, request
+errors as 400 invalid_request_error. With one model served any `model` name is this model
+(TGI's behaviour) unless --strict-model-name.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Request
@@ -31,10 +33,18 @@ from app.api.protocol.openai import (
 )
 from app.api.protocol.openai_options import (
     LogprobBuilder,
+    apply_output_flags,
+    apply_stop_token_ids,
+    check_request_fields,
     completion_options,
+    context_length_error,
     finish_reason,
     merge_logprobs,
+    prompt_logprobs_wanted,
+    prompt_only,
     select,
+    truncate_prompt,
+    vllm_prompt_logprobs,
 )
 from app.api.serving import (
     Completion,
@@ -52,6 +62,7 @@ from app.api.serving import (
     token_steps,
 )
 from app.api.streaming import DONE, SSEResponse, guarded, sse_event
+from app.engine.outputs import PromptLogprob
 from app.options.params import SamplingParams
 from app.options.routing import exact_outputs
 from app.state import ServerState, get_state
@@ -60,7 +71,7 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 T = TypeVar("T")
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": OpenAIErrorResponse} for code in (401, 404, 413, 422, 429, 500, 503)
+    code: {"model": OpenAIErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
 }
 _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": OpenAIErrorResponse}}
 EXAMPLES = {
@@ -104,20 +115,78 @@ class Job:
     text: str
     params: SamplingParams | None
     ctx: RequestContext
+    prompt_only: bool = False  # max_tokens 0 with prompt log-probs: one engine run, n echoes
+
+    @property
+    def waits_for_prompt(self) -> bool:
+        """Whether the echo needs the engine's prompt log-probs (sent with its first output)."""
+        return self.params is not None and self.params.prompt_logprobs is not None
 
 
-def check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.model_name:
-        raise APIError(
-            404,
-            f"model `{model}` is not served here; this server serves `{state.model_name}`",
-            "not_found",
-            field="model",
+def served_names(state: ServerState) -> list[str]:
+    """The names `model` may take (--served-model-name aliases); the first is reported."""
+    names = state.settings.served_model_names
+    return names if state.model_name in names else [state.model_name, *names]
+
+
+def check_model(state: ServerState, model: str | None, strict: bool | None = None) -> None:
+    """One model is served: any name means it (TGI's behaviour, what InferenceClient and
+    LangChain's ChatHuggingFace rely on), unless --strict-model-name (or `strict`)."""
+    strict = state.settings.strict_model_name if strict is None else strict
+    if model is None or not strict or model in served_names(state):
+        return
+    raise APIError(
+        404,
+        f"The model `{model}` does not exist: this server serves `{state.model_name}`",
+        "not_found",
+        field="model",
+        code="model_not_found",
+    )
+
+
+def default_eos_ids(state: ServerState) -> list[int]:
+    """The checkpoint's eos ids, as generate takes them (generation_config, else the
+    tokenizer's)."""
+    eos = state.generation_defaults().get("eos_token_id")
+    if eos is None:
+        eos = state.tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def check_prompt_fits(
+    state: ServerState, ids: list[int], field: str, completion_tokens: int
+) -> None:
+    """An over-long prompt in OpenAI's words (the SDKs' and LiteLLM's context-window error);
+    the other prompt checks (empty, token ids) as on every route."""
+    if len(ids) > state.max_input_tokens:
+        err = context_length_error(state.max_total_tokens, len(ids), completion_tokens, field)
+        err.message = err.message.replace(
+            " Please", f" A prompt may have at most {state.max_input_tokens} tokens. Please"
         )
+        raise err
+    check_prompt_ids(state, ids, field)
 
 
-def prompt_list(state: ServerState, prompt: Any) -> list[tuple[list[int], str, str]]:
-    """(ids, text, field) per prompt, validated; the count is priced before any encoding."""
+def check_context(
+    state: ServerState, options: dict[str, Any], renames: dict[str, str], prompt_len: int
+) -> None:
+    """Prompt + new tokens past the model's context: OpenAI's wording, naming the field that
+    set the new tokens (a max_length extra is left to the option checks)."""
+    new_tokens = options.get("max_new_tokens")
+    if not new_tokens or options.get("max_length") is not None:
+        return
+    if prompt_len + new_tokens > state.max_total_tokens:
+        field = renames.get("max_new_tokens", "max_new_tokens")
+        raise context_length_error(state.max_total_tokens, prompt_len, new_tokens, field)
+
+
+def prompt_list(
+    state: ServerState, body: CompletionRequest, completion_tokens: int
+) -> list[tuple[list[int], str, str]]:
+    """(ids, text, field) per prompt, validated; the count is priced before any encoding.
+    truncate_prompt_tokens (vLLM) keeps each prompt's tail."""
+    prompt: Any = body.prompt
+    keep = body.truncate_prompt_tokens
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif not prompt:
@@ -132,12 +201,13 @@ def prompt_list(state: ServerState, prompt: Any) -> list[tuple[list[int], str, s
         field = "prompt" if len(items) == 1 else f"prompt.{i}"
         if isinstance(item, str):
             ids, text = encode(state, item), item
-            check_prompt_ids(state, ids, field)
         else:
-            ids = list(item)
-            check_prompt_ids(state, ids, field)
-            text = state.tokenizer.decode(ids)
-        out.append((ids, text, field))
+            ids, text = list(item), None
+        if keep is not None:
+            kept = truncate_prompt(ids, keep, state.max_input_tokens)
+            ids, text = kept, None if len(kept) < len(ids) else text
+        check_prompt_fits(state, ids, field, completion_tokens)
+        out.append((ids, state.tokenizer.decode(ids) if text is None else text, field))
     return out
 
 
@@ -192,10 +262,37 @@ class Builder:
         self.created = int(time.time())
         self.echo = bool(body.echo)
         self.k = body.logprobs
+        self.token_ids = bool(body.return_token_ids)  # vLLM's return_token_ids
         self.prompt_tokens = sum(len(j.ids) for j in jobs)
+        self.builders: dict[int, LogprobBuilder | None] = {}  # per streamed choice
 
     def logprobs(self, job: Job) -> LogprobBuilder | None:
         return None if self.k is None else LogprobBuilder(self.state.tokenizer, self.k)
+
+    def vllm_prompt(self, computed: list[PromptLogprob | None] | None) -> dict[str, Any]:
+        """vLLM's `prompt_logprobs` choice field, when the request asked for it."""
+        k = self.body.prompt_logprobs
+        if k is None or computed is None:
+            return {}
+        return {"prompt_logprobs": vllm_prompt_logprobs(self.state.tokenizer, computed, k)}
+
+    def echo_choice(
+        self, index: int, job: Job, computed: list[PromptLogprob | None] | None
+    ) -> dict[str, Any]:
+        """A choice's first stream chunk when it echoes the prompt or returns its ids."""
+        b = self.builders[index]
+        lp = None if b is None or not self.echo else b.prompt(job.ids, computed).model_dump()
+        text = job.text if self.echo else ""
+        choice = {"index": index, "text": text, "logprobs": lp}
+        if self.token_ids:  # vLLM: the prompt's ids come in the first chunk
+            choice["prompt_token_ids"] = job.ids
+        extra = self.vllm_prompt(computed)
+        if extra:
+            choice["prompt_logprobs"] = [
+                None if p is None else {t: e.model_dump() for t, e in p.items()}
+                for p in extra["prompt_logprobs"]
+            ]
+        return {**choice, "finish_reason": None}
 
     def usage(self, completion_tokens: int) -> Usage:
         return Usage(
@@ -213,13 +310,21 @@ class Builder:
                 lp_builder = self.logprobs(job)
                 lp = None
                 if lp_builder is not None:
-                    lp = lp_builder.prompt(job.ids) if self.echo else None
+                    lp = lp_builder.prompt(job.ids, c.prompt_logprobs) if self.echo else None
                     lp = merge_logprobs(lp, lp_builder.steps(c.steps))
                 text = (job.text if self.echo else "") + c.text
                 reason = finish_reason(c.finish_reason) or "length"
                 index = i * self.n + j
+                ids = (
+                    {"prompt_token_ids": job.ids, "token_ids": c.token_ids}
+                    if self.token_ids
+                    else {}
+                )
+                ids.update(self.vllm_prompt(c.prompt_logprobs))
                 choices.append(
-                    CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=reason)
+                    CompletionChoice(
+                        index=index, text=text, logprobs=lp, finish_reason=reason, **ids
+                    )
                 )
         return CompletionResponse(
             id=self.id,
@@ -230,6 +335,7 @@ class Builder:
         )
 
     def chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
+        """One event; `usage` is null but on the include_usage chunk (as OpenAI sends it)."""
         return sse_event(
             {
                 "id": self.id,
@@ -243,44 +349,47 @@ class Builder:
 
     async def events(self) -> AsyncIterator[bytes]:
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
-        builders: dict[int, LogprobBuilder | None] = {}
+        first_chunk = self.echo or self.token_ids or self.body.prompt_logprobs is not None
         for i, job in enumerate(self.jobs):
             for j in range(self.n):
                 index = i * self.n + j
-                builders[index] = self.logprobs(job)
-                if self.echo:
-                    b = builders[index]
-                    lp = None if b is None else b.prompt(job.ids).model_dump()
-                    choice = {"index": index, "text": job.text, "logprobs": lp}
-                    yield self.chunk([{**choice, "finish_reason": None}])
+                self.builders[index] = self.logprobs(job)
+                if (self.echo or self.token_ids) and not job.waits_for_prompt:
+                    yield self.chunk([self.echo_choice(index, job, None)])
         live = [(i, job) for i, job in enumerate(self.jobs) if job.params is not None]
         streams = [stream_request(self.state, job.ctx, job.ids, job.params) for _, job in live]
         generated = 0
-        done = 0
         async with aclosing(merged(streams)) as outputs:  # type: ignore[arg-type]
             async for k, out in outputs:
-                i = live[k][0]
-                done += int(out.finished)
+                i, job = live[k]
+                if first_chunk and job.waits_for_prompt and out.prompt_logprobs is not None:
+                    for j in range(self.n):  # the echo, now with the prompt's log-probs
+                        yield self.chunk(
+                            [self.echo_choice(i * self.n + j, job, out.prompt_logprobs)]
+                        )
                 choices = []
                 for seq in out.outputs:
-                    index = i * self.n + seq.index
                     steps = token_steps(seq)
                     generated += len(steps)
-                    b = builders.get(index)
-                    lp = None if b is None else b.steps(steps).model_dump()
-                    reason = finish_reason(seq.finish_reason)
-                    choices.append(
-                        {"index": index, "text": seq.text, "logprobs": lp, "finish_reason": reason}
-                    )
-                for j, choice in enumerate(choices):  # one choice per chunk, as OpenAI
-                    last = done == len(live) and not include_usage and j == len(choices) - 1
-                    yield self.chunk([choice], self.usage(generated) if last else None)
+                    # a prompt-only run (max_tokens 0) ends all n choices at once
+                    for j in range(self.n) if job.prompt_only else [seq.index]:
+                        index = i * self.n + j
+                        b = self.builders.get(index)
+                        lp = None if b is None else b.steps(steps).model_dump()
+                        reason = finish_reason(seq.finish_reason)
+                        choice = {
+                            "index": index, "text": seq.text, "logprobs": lp,
+                            "finish_reason": reason,
+                        }  # fmt: skip
+                        if self.token_ids:
+                            choice["token_ids"] = [step.id for step in steps]
+                        choices.append(choice)
+                for choice in choices:  # one choice per chunk, as OpenAI
+                    yield self.chunk([choice])
         if not live:  # max_tokens 0 with echo: nothing to generate
-            total = len(self.jobs) * self.n
-            for i in range(total):
+            for i in range(len(self.jobs) * self.n):
                 choice = {"index": i, "text": "", "logprobs": None, "finish_reason": "length"}
-                last = i == total - 1 and not include_usage
-                yield self.chunk([choice], self.usage(0) if last else None)
+                yield self.chunk([choice])
         if include_usage:
             yield self.chunk([], self.usage(generated))
         yield DONE
@@ -293,7 +402,7 @@ class Builder:
         200: {
             "description": "JSON, or with `stream: true` server-sent events: one "
             "`data: <CompletionChunk>` per step, the finish_reason in each choice's last chunk, "
-            "`usage` on the last chunk (or a separate chunk with stream_options.include_usage), "
+            "with stream_options.include_usage a last chunk with `usage` and no choices, "
             "then `data: [DONE]`.",
             "content": {
                 "text/event-stream": {"schema": {"$ref": "#/components/schemas/CompletionChunk"}}
@@ -311,33 +420,52 @@ async def completions(
     """OpenAI's legacy completions API. Any generate option may be added as an extra field
     (the `openai` package's `extra_body`)."""
     check_model(state, body.model)
+    check_request_fields(body, request.url.path)
     options, renames, n = completion_options(body)
-    prompts = await run_in_threadpool(prompt_list, state, body.prompt)  # off the event loop
+    apply_stop_token_ids(options, renames, body.stop_token_ids, default_eos_ids(state))
+    new_tokens = options["max_new_tokens"]
+    prompts = await run_in_threadpool(prompt_list, state, body, new_tokens)  # off the loop
     exact = exact_outputs(options)  # output_attentions / output_hidden_states: exact lane
     if exact and len(prompts) > 1:
         raise APIError(422, f"`{exact[0]}` serves one prompt per request", field=exact[0])
     request_id = getattr(request.state, "request_id", "-")
-    jobs = []
-    for ids, text, field in prompts:
-        params = None
-        if options["max_new_tokens"] == 0:
-            if not body.echo:
-                message = "`max_tokens` must be >= 1 (0 only with echo)"
-                raise APIError(422, message, "validation", "max_tokens")
-        else:
-            renames_here = {**renames, "inputs": field}
-            params = build_params(
-                state,
-                options,
-                len(ids),
-                renames_here,
-                exact_lane=not body.stream,
-                logprobs=body.logprobs is not None,  # token_logprobs shown
-            )
-            if exact:
-                check_diagnostics_cap(state, len(ids), params, exact)
-        ctx = RequestContext(request.url.path, request_id, body.user, text)
-        jobs.append(Job(ids, text, params, ctx))
+    prompt_k = prompt_logprobs_wanted(body)
+
+    def build_jobs() -> list[Job]:
+        jobs = []
+        for ids, text, field in prompts:
+            params = None
+            if options["max_new_tokens"] == 0:
+                if not body.echo:
+                    message = "`max_tokens` must be >= 1 (0 only with echo)"
+                    raise APIError(422, message, "validation", "max_tokens")
+                if prompt_k is not None:  # the prompt's log-probs: a prefill, nothing sampled
+                    one = {**options, "max_new_tokens": 1, "num_return_sequences": 1}
+                    params = build_params(state, one, len(ids), {**renames, "inputs": field})
+                    prompt_only(params, len(ids))
+            else:
+                renames_here = {**renames, "inputs": field}
+                check_context(state, options, renames, len(ids))
+                params = build_params(
+                    state,
+                    options,
+                    len(ids),
+                    renames_here,
+                    exact_lane=not body.stream,
+                    logprobs=body.logprobs is not None,  # token_logprobs shown
+                )
+                apply_output_flags(params, body)
+                if exact:
+                    check_diagnostics_cap(state, len(ids), params, exact)
+            if params is not None:
+                params.prompt_logprobs = prompt_k
+            ctx = RequestContext(request.url.path, request_id, body.user, text)
+            jobs.append(Job(ids, text, params, ctx, prompt_only=options["max_new_tokens"] == 0))
+        return jobs
+
+    # Many prompts: their options are resolved off the event loop (0.14 ms each, 1,024 of
+    # them held /health for 0.1 s and more), as their tokenization is.
+    jobs = await run_in_threadpool(build_jobs) if len(prompts) > 8 else build_jobs()
     check_request_sequences(state, sum(sequences_of(j.params) for j in jobs))
     builder = Builder(state, body, jobs, n)
     if any(j.params is not None for j in jobs):
@@ -356,22 +484,28 @@ async def completions(
     async def run(job: Job) -> list[Completion]:
         if job.params is None:
             return [Completion(j, finish_reason=None) for j in range(n)]
-        return await run_to_completion(state, job.ctx, job.ids, job.params)
+        completions = await run_to_completion(state, job.ctx, job.ids, job.params)
+        if job.prompt_only:
+            return [replace(completions[0], index=j) for j in range(n)]
+        return completions
 
     results = await guarded(request, gather_all([run(j) for j in jobs]), state.cutoff)
     return builder.response(results)
 
 
-def model_card(state: ServerState) -> ModelCard:
+def model_card(state: ServerState, name: str | None = None) -> ModelCard:
     return ModelCard(
-        id=state.model_name, created=int(state.started_at), max_model_len=state.max_total_tokens
+        id=name or state.model_name,
+        created=int(state.started_at),
+        max_model_len=state.max_total_tokens,
     )
 
 
 @router.get("/models", response_model=ModelList, responses=_AUTH_ERRORS, summary="List models")
 async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
-    """The one served model (use its `id` as `model`)."""
-    return ModelList(data=[model_card(state)])
+    """The served model, one card per --served-model-name alias (as vLLM lists them); the
+    first is the name responses report."""
+    return ModelList(data=[model_card(state, name) for name in served_names(state)])
 
 
 @router.get(
@@ -381,9 +515,10 @@ async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
     summary="Get a model",
 )
 async def get_model(model: str, state: ServerState = Depends(get_state)) -> ModelCard:
-    """The served model's card (404 for any other name)."""
-    check_model(state, model)
-    return model_card(state)
+    """A served name's card; any other name is a 404 model_not_found (a lookup, not a request:
+    the lenient `model` of the completion routes does not apply)."""
+    check_model(state, model, strict=True)
+    return model_card(state, model)
 
 
 __all__ = ["CompletionChunk", "router"]

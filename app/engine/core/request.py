@@ -88,6 +88,10 @@ class Request:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     finish_reason: FinishReason | None = None
+    # Top alternatives of the prompt log-probs the engine still needs (None: none). While
+    # set, the first sequence's prompt chunks ask for their logits and the prefix cache is
+    # not looked up (a cached block has KV but no logits).
+    prompt_logprobs: int | None = None
 
     @property
     def live_seqs(self) -> list[Sequence]:

@@ -25,6 +25,11 @@ class ScheduledSeq:
     # Speculative tokens after the last token (the tail of token_ids): every token of the
     # chunk then needs its logits, and the engine verifies the drafts (spec/decoder.py).
     draft_token_ids: list[int] = field(default_factory=list)
+    # Prompt log-probs (Request.prompt_logprobs): the prompt token that follows each of the
+    # chunk's leading positions whose log-prob is wanted (empty: none), and how many top
+    # alternatives each gets.
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_top_n: int = 0
 
     @property
     def all_logits(self) -> bool:
@@ -172,7 +177,14 @@ class Scheduler:
             live = request.live_seqs
             if budget < len(live) or num_seqs + len(live) > self.config.max_num_seqs:
                 break
-            hits = {s.seq_id: self.kv.find_cached_prefix(s.token_ids) for s in live}
+            # Prompt log-probs need every prompt position's logits, which a cached block does
+            # not have: such a request computes its prompt (bypass; its blocks are still
+            # cached for others). Recomputing over adopted blocks costs the same forward
+            # plus copy-on-write copies (docs/api.md, tests/benchmarks/prompt_logprobs.py).
+            bypass = request.prompt_logprobs is not None
+            hits = {
+                s.seq_id: [] if bypass else self.kv.find_cached_prefix(s.token_ids) for s in live
+            }
             for seq in live:
                 seq.num_computed_tokens = len(hits[seq.seq_id]) * self.kv.block_size
             plan = self._plan_chunks(live, budget)
@@ -322,6 +334,10 @@ class Scheduler:
             if n == 0:
                 continue
             start = seq.num_computed_tokens
+            targets: list[int] = []
+            if request.prompt_logprobs is not None and seq is request.seqs[0]:
+                # position p's logits give token p + 1's log-prob, for p + 1 in the prompt
+                targets = seq.token_ids[start + 1 : min(start + n, seq.prompt_len - 1) + 1]
             out.seqs.append(
                 ScheduledSeq(
                     seq_id=seq.seq_id,
@@ -331,6 +347,8 @@ class Scheduler:
                     block_table=self.kv.block_table(seq.seq_id),
                     sample=samples,
                     draft_token_ids=drafts,
+                    prompt_targets=targets,
+                    prompt_top_n=request.prompt_logprobs or 0,
                 )
             )
             used += n + len(drafts)

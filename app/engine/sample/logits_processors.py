@@ -6,6 +6,8 @@ transformers 5.23 `GenerationMixin._get_logits_processor` builds, for one reques
     exponential_decay_length_penalty, suppress_tokens, begin_suppress_tokens,
     [if do_sample: temperature, top_h, top_k, top_p, min_p, typical_p, epsilon, eta
      (logits_warpers.py)], watermarking_config, renormalize_logits.
+OpenAI's frequency / presence penalties (no HF processor) run right after
+repetition_penalty, where vLLM applies them (after its logit_bias, before the warpers).
 `apply_processors` runs the part before the warpers, `apply_post` the part after. Each stage
 touches only the rows that enable it and repeats HF's element-wise arithmetic exactly (same
 float32 operations on the same values), so a row's scores are bit-identical to its own
@@ -17,7 +19,7 @@ the processed log-probs need their own log_softmax).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +146,43 @@ def _repetition_penalty(scores: torch.Tensor, extra: Extra, touched: list[bool])
         at = _pairs(scores.device, r, c)
         score = scores[at]
         scores[at] = torch.where(score < 0, score * penalty, score / penalty)
+
+
+def _penalties(scores: torch.Tensor, extra: Extra, touched: list[bool]) -> None:
+    """OpenAI's frequency and presence penalties as vLLM applies them (`apply_penalties`,
+    vllm/model_executor/layers/utils.py), over each row's own generated tokens (not the
+    prompt; n > 1 siblings and verified drafts count their own):
+        logits -= frequency_penalty * count;  logits -= presence_penalty * (count > 0)
+    in the scores' float32, the penalty as a float32 tensor times the count, two subtractions
+    as vLLM does. vLLM runs them right after its repetition penalty, so here they follow HF's
+    RepetitionPenaltyLogitsProcessor (after sequence_bias, vLLM's logit_bias too)."""
+    vocab = scores.shape[-1]
+    r: list[int] = []
+    c: list[int] = []
+    counts: list[int] = []
+    freq: list[float] = []
+    pres: list[float] = []
+    for i, row, opts in extra:
+        if not opts.has_penalties:
+            continue
+        output = Counter(row.token_ids[row.prompt_len :])
+        for tok, count in output.items():
+            if 0 <= tok < vocab:
+                r.append(i)
+                c.append(tok)
+                counts.append(count)
+                freq.append(opts.frequency_penalty)
+                pres.append(opts.presence_penalty)
+        touched[i] = True
+    if not r:
+        return
+    at = _pairs(scores.device, r, c)
+
+    def column(values: list[float] | list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=scores.dtype, device=scores.device)
+
+    penalized = scores[at] - column(freq) * column(counts)
+    scores[at] = penalized - column(pres)
 
 
 def _no_repeat_ngram(scores: torch.Tensor, extra: Extra, touched: list[bool]) -> None:
@@ -282,6 +321,7 @@ def apply_processors(
     if extra:
         _sequence_bias(scores, extra, touched)
         _repetition_penalty(scores, extra, touched)
+        _penalties(scores, extra, touched)
         _no_repeat_ngram(scores, extra, touched)
         _bad_words(scores, extra, touched)
     _min_length(scores, rows, touched)
