@@ -105,6 +105,12 @@ def bench_engine(
     }
 
 
+def _synchronize(model: GPT2LMHeadModel) -> None:
+    """Wait for the device's queued work, so a timer read after it counts it all."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
 def _no_eos_config(new_tokens: int) -> GenerationConfig:
     # eos_token_id -1 never matches: every system generates exactly `new_tokens`.
     return GenerationConfig(
@@ -119,8 +125,9 @@ def bench_hf_sequential(
     cfg = _no_eos_config(new_tokens)
     start = time.perf_counter()
     for prompt in prompts:
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=model.device)
         model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    _synchronize(model)
     elapsed = time.perf_counter() - start
     tokens = new_tokens * len(prompts)
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
@@ -136,8 +143,10 @@ def bench_hf_static(
     for i, prompt in enumerate(prompts):  # left padding, as decoder-only generate needs
         ids[i, width - len(prompt) :] = torch.tensor(prompt)
         mask[i, width - len(prompt) :] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
     start = time.perf_counter()
     model.generate(ids, attention_mask=mask, generation_config=_no_eos_config(new_tokens))
+    _synchronize(model)
     elapsed = time.perf_counter() - start
     tokens = new_tokens * len(prompts)
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
@@ -171,12 +180,13 @@ def bench_linear_bound(
     )
 
     def layers(n: int, head_rows: int) -> float:
-        x = torch.randn(n, dim, dtype=model.dtype)
+        x = torch.randn(n, dim, dtype=model.dtype, device=model.device)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             block_matmuls(lin, x)
             lin.lm_head(x[:head_rows])
+            _synchronize(model)
             best = min(best, time.perf_counter() - start)
         return best
 
@@ -341,15 +351,22 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the GPU benchmark)")
+    parser.add_argument(
+        "--dtype", default="float32", help="float32, bfloat16 or float16 (the model's weights)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
-    loaded = load_model(args.model, device="cpu", dtype="float32")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model = loaded.model
+    if model.device.type != "cpu":
+        skip.add("ct2")  # the CTranslate2 peer runs on CPU only
     results: dict[str, Any] = {
         "model": Path(args.model).name,
-        "dtype": "float32",
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
         "linear_backend": args.linear_backend,
         "new_tokens": args.new_tokens,
         "machine": {
@@ -439,9 +456,10 @@ def main() -> None:
 
 def write_results(results: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_cpu.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "engine_cpu.png")
-    print(f"wrote {out / 'engine_cpu.json'} and {out / 'engine_cpu.png'}")
+    stem = f"engine_{results['device'].split(':')[0]}"  # engine_cpu (committed) or engine_cuda
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / f"{stem}.png")
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}")
 
 
 if __name__ == "__main__":

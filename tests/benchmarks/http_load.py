@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-blocks", type=int, default=0, help="0 = what the mix needs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (server and engine)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--label", default="", help="stored in the JSON (e.g. 'quiet machine')")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     args = parser.parse_args()
@@ -203,13 +205,15 @@ def main() -> None:
         enable_prefix_caching=settings.enable_prefix_caching,
         seed=settings.seed,
     )
-    server_args = ["--model", args.model, "--dtype", "float32", "--device", "cpu"]
+    server_args = ["--model", args.model, "--dtype", args.dtype, "--device", args.device]
     server_args += ["--num-kv-blocks", str(num_blocks), "--log-level", "warning"]
 
     key = "concurrency" if closed else "rate"
     results: dict[str, Any] = {
         "label": args.label or "unlabelled run",
         "model": Path(args.model).name,
+        "device": args.device,
+        "dtype": args.dtype,
         "mode": args.mode,
         "level_key": key,
         "prompt_tokens": list(prompt_range),
@@ -245,7 +249,7 @@ def main() -> None:
             stop_server(proc)
 
     # In-engine: one engine for all levels, as the server keeps one; warmed up the same way.
-    loaded = load_model(args.model, device="cpu", dtype="float32")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     engine = LLMEngine(loaded.model, loaded.tokenizer, engine_config)
     replay(engine, loaded, make_mix(2, (8, 8), (4, 4), vocab, seed=-1), 2, "warm")
     for entry, (level, mix) in zip(results["levels"], mixes, strict=True):

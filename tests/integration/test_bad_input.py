@@ -181,7 +181,7 @@ CASES: dict[str, Callable[[Endpoint], Expect | None]] = {
     "prompt past the context": case_prompt_past_the_context,
     "body past max_body_bytes": case_body_too_large,
     "negative max_new_tokens": numeric("max_new_tokens", -5),
-    "negative top_k": numeric("top_k", -1),
+    "negative top_k": numeric("top_k", -2),  # -1 is vLLM's "no top-k" on /v1
     "NaN temperature": numeric("temperature", float("nan")),
     "Infinity top_p": numeric("top_p", float("inf")),
     "-Infinity repetition_penalty": numeric("repetition_penalty", float("-inf")),

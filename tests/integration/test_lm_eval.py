@@ -2,7 +2,8 @@
 jsonl, scored by lm-eval's `local-completions` (POST /v1/completions with echo, logprobs 1,
 max_tokens 1: it sums the prompt log-probs of each choice's tokens) and by its `hf` backend on
 the same checkpoint. Every loglikelihood agrees within 1e-3 (float32), and every is_greedy
-(lm-eval's check of each token against the top_logprobs' best) is the same."""
+(lm-eval's check of each token against the top_logprobs' best) is the same. A generate_until
+task (greedy, stop at a newline) gives the same generations through both."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from app.modeling.loader import DEFAULT_MODEL_DIR
 from tests.integration.conftest import LiveServer
 
 TASK = "kogpt_serve_tiny_mc"
+GEN_TASK = "kogpt_serve_tiny_gen"
 DOCS = [
     {"question": "대한민국의 수도는", "choices": ["서울이다.", "부산이다.", "제주도이다."]},
     {"question": "대한민국의 주권은", "choices": ["국민에게 있다.", "국회에 있다."]},
@@ -53,21 +55,56 @@ def write_task(root: Path) -> None:
     )
 
 
-def loglikelihoods(lm: Any, include_path: Path) -> list[tuple[float, bool]]:
-    """(loglikelihood, is_greedy) of every (doc, choice), in the task's order."""
+def write_generation_task(root: Path) -> None:
+    (root / f"{GEN_TASK}.yaml").write_text(
+        "\n".join(
+            [
+                f"task: {GEN_TASK}",
+                "dataset_path: json",
+                "dataset_kwargs:",
+                "  data_files:",
+                f"    test: {root / 'docs.jsonl'}",
+                "test_split: test",
+                "output_type: generate_until",
+                'doc_to_text: "{{question}}"',
+                'doc_to_target: "{{choices[0]}}"',
+                "generation_kwargs:",
+                '  until: ["\\n"]',
+                "  max_gen_toks: 12",
+                "  do_sample: false",
+                "metric_list:",
+                "  - metric: exact_match",
+                "",
+            ]
+        ),
+        "utf-8",
+    )
+
+
+def evaluate(lm: Any, include_path: Path, task: str) -> list[dict[str, Any]]:
+    """lm-eval's logged samples of `task`, in document order."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     results = simple_evaluate(
         model=lm,
-        tasks=[TASK],
+        tasks=[task],
         task_manager=TaskManager(include_path=str(include_path), include_defaults=False),
         log_samples=True,
         num_fewshot=0,
     )
     assert results is not None
-    samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
+    return sorted(results["samples"][task], key=lambda s: s["doc_id"])
+
+
+def loglikelihoods(lm: Any, include_path: Path) -> list[tuple[float, bool]]:
+    """(loglikelihood, is_greedy) of every (doc, choice), in the task's order."""
+    samples = evaluate(lm, include_path, TASK)
     return [(float(r[0][0]), bool(r[0][1])) for s in samples for r in s["resps"]]
+
+
+def generations(lm: Any, include_path: Path) -> list[str]:
+    return [str(s["resps"][0][0]) for s in evaluate(lm, include_path, GEN_TASK)]
 
 
 def test_local_completions_equals_hf_backend(
@@ -81,6 +118,7 @@ def test_local_completions_equals_hf_backend(
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     write_task(tmp_path)
+    write_generation_task(tmp_path)
     server = LocalCompletionsAPI(
         base_url=f"{live_server.base_url}/v1/completions",
         model=live_server.state.model_name,
@@ -99,3 +137,7 @@ def test_local_completions_equals_hf_backend(
     assert worst <= 1e-3, worst
     assert [g for _, g in got] == [g for _, g in expected]
     assert all(ll < 0 for ll, _ in got)
+    # generate_until: greedy generations through the server equal the hf backend's
+    texts = generations(server, tmp_path)
+    assert texts == generations(hf, tmp_path)
+    assert len(texts) == len(DOCS) and any(texts)

@@ -133,7 +133,7 @@ def test_errors_carry_the_message(oai: openai.OpenAI, model: str) -> None:
         ({"max_tokens": 5000}, "max_tokens"),
         ({"logprobs": 21}, "logprobs"),
         ({"extra_body": {"top_kk": 3}}, "top_kk"),
-        ({"extra_body": {"top_k": -1}}, "top_k"),
+        ({"extra_body": {"top_k": -2}}, "top_k"),
         ({"suffix": "끝"}, "suffix"),
     ]
     for kwargs, param in cases:

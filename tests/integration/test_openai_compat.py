@@ -411,3 +411,17 @@ def test_strict_model_name_keeps_404(strict: LiveServer) -> None:
         oai.chat.completions.create(model="tgi", messages=CHAT, max_tokens=1)  # type: ignore[list-item]
     assert info.value.code == "model_not_found" and info.value.param == "model"
     assert info.value.type == "invalid_request_error"
+
+
+def test_top_k_minus_one_is_vllms_no_top_k(client: httpx.Client) -> None:
+    """vLLM's /v1 routes read top_k -1 as "no top-k": the same draws as top_k 0 (HF's off)."""
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0.9, "seed": 11}
+    texts = []
+    for top_k in (-1, 0, None):
+        extra = {} if top_k is None else {"top_k": top_k}
+        r = client.post("/v1/completions", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["text"])
+    assert texts[0] == texts[1] == texts[2]
+    r = client.post("/v1/completions", json={**body, "top_k": -2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k", r.text

@@ -69,6 +69,8 @@ def extra_options(body: CompletionRequest) -> dict[str, Any]:
     extras = body.extra_options
     if not extras:
         return {}
+    if extras.get("top_k") == -1:  # vLLM's "no top-k" on its OpenAI routes (0 here, as HF)
+        extras = {**extras, "top_k": 0}
     try:
         return GenerateOptions.model_validate(extras).engine_options()
     except ValidationError as exc:
