@@ -10,6 +10,7 @@ in the lifespan shutdown when the server stops for another reason.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -183,9 +184,19 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         server.metrics = metrics
         metrics.bind_engine(server.engine)
         server.engine.start()
+        # The model, tokenizer and imports are millions of objects that live for ever: each
+        # full collection traversed them all (100-300 ms on whichever thread allocated, often
+        # the event loop's, stalling /health under the largest accepted body). Frozen after a
+        # last collection, they are out of every later one (and back in at the end, so exit
+        # frees them as before).
+        gc.collect()
+        gc.freeze()
         server.ready = True
         if state is not None:  # a shared state is drained and stopped by its owner
-            yield
+            try:
+                yield
+            finally:
+                gc.unfreeze()
             return
         restore = install_sigterm_drain(server, settings.shutdown_grace_seconds)
         try:
@@ -195,6 +206,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
             await drain(server, settings.shutdown_grace_seconds)
             server.ready = False
             server.engine.stop()
+            gc.unfreeze()
 
     app = FastAPI(
         title="kogpt-serve",

@@ -9,11 +9,20 @@ names the field.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from collections.abc import Callable, Coroutine
 from typing import Any
 
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import Response
+
 from app.api.errors import APIError
+
+# Bodies past this size are decoded and checked in a worker thread, not on the event loop.
+LARGE_BODY_BYTES = 64 * 1024
 
 # A \uD800-\uDFFF escape; only then can the decoded body hold a surrogate (raw surrogate
 # bytes are invalid UTF-8, which the JSON parser already refuses).
@@ -139,3 +148,43 @@ def surrogate_error(field: str) -> APIError:
         "validation",
         field,
     )
+
+
+_UNDECODED = object()  # not JSON: FastAPI's own parse reports it as it does
+
+
+def decode_and_validate(body: bytes, field: Any) -> Any:
+    """The JSON body validated as the route's body model (FastAPI's own ModelField.validate,
+    with its defaults), or the decoded body when it does not validate (FastAPI then reports
+    the errors as it does), or _UNDECODED when it is not JSON."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return _UNDECODED
+    value, errors = field.validate(data, {}, loc=("body",))
+    return data if errors else value
+
+
+class OffLoopBodyRoute(APIRoute):
+    """A route that decodes and validates a large JSON body (over LARGE_BODY_BYTES) in a
+    worker thread. FastAPI would json.loads and validate it on the event loop: 1,024 prompts
+    of 220 token ids (878 KB) held /health for up to 0.3 s. Its own parse then finds the
+    decoded body (Starlette caches it on the request) and its validation an instance of the
+    body model, which pydantic passes through without validating again."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        field = self.body_field
+        if field is None:  # no body model: nothing to parse
+            return handler
+
+        async def route_handler(request: Request) -> Response:
+            body = await request.body()
+            json_type = "json" in request.headers.get("content-type", "application/json")
+            if len(body) > LARGE_BODY_BYTES and json_type:
+                decoded = await asyncio.to_thread(decode_and_validate, body, field)
+                if decoded is not _UNDECODED:
+                    request._json = decoded  # what Request.json() returns from now on
+            return await handler(request)
+
+        return route_handler

@@ -23,7 +23,12 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.body_checks import lone_surrogate_field, surrogate_error, too_many_prompts
+from app.api.body_checks import (
+    LARGE_BODY_BYTES,
+    lone_surrogate_field,
+    surrogate_error,
+    too_many_prompts,
+)
 from app.api.errors import APIError, error_bytes, wire_status
 
 logger = logging.getLogger("kogpt.access")
@@ -32,8 +37,6 @@ PUBLIC_ALWAYS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi
 PUBLIC_PROBES = frozenset({"/health", "/ready", "/metrics"})
 # The playground page and its assets are public static files (GET only: POST / is the API).
 PUBLIC_PAGE_PREFIX = "/playground"
-# Bodies past this size are decoded and checked in a worker thread, not on the event loop.
-LARGE_BODY_BYTES = 64 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 

@@ -5,12 +5,21 @@ by its dotted path; valid text (surrogate pairs included) never is. The raw scan
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
+from fastapi import APIRouter, FastAPI
+from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict, field_validator
 
-from app.api.body_checks import lone_surrogate_field, prompt_list_length
+from app.api.body_checks import (
+    LARGE_BODY_BYTES,
+    OffLoopBodyRoute,
+    lone_surrogate_field,
+    prompt_list_length,
+)
 
 KEYS = st.text(alphabet="abcxyz_", min_size=1, max_size=5)
 JSON = st.recursive(
@@ -91,3 +100,58 @@ def test_the_prompt_scan_stops_past_the_limit() -> None:
     body = json.dumps({"prompt": [[5]] * 150_000}).encode()
     assert prompt_list_length(body, 1024) == 1025
     assert prompt_list_length(json.dumps({"a": {"prompt": [[1], [2]]}}).encode(), 9) is None
+
+
+VALIDATED_ON: list[str] = []  # the thread each validation of Prompts ran on
+
+
+class Prompts(BaseModel):
+    model_config = ConfigDict(strict=True)
+    prompt: list[list[int]]
+
+    @field_validator("prompt")
+    @classmethod
+    def record_thread(cls, value: list[list[int]]) -> list[list[int]]:
+        VALIDATED_ON.append(threading.current_thread().name)
+        return value
+
+
+def off_loop_app() -> tuple[TestClient, list[str]]:
+    """An app with one OffLoopBodyRoute; the endpoint records the event loop's thread."""
+    router = APIRouter(route_class=OffLoopBodyRoute)
+    loop_threads: list[str] = []
+
+    @router.post("/count")
+    async def count(body: Prompts) -> dict[str, int]:
+        loop_threads.append(threading.current_thread().name)
+        return {"prompts": len(body.prompt), "ids": sum(map(len, body.prompt))}
+
+    app = FastAPI()
+    app.include_router(router)
+    return TestClient(app), loop_threads
+
+
+def test_a_large_body_is_decoded_and_validated_off_the_event_loop() -> None:
+    """Past LARGE_BODY_BYTES the body model is validated once, in a worker thread (FastAPI's
+    own validation then passes the instance through); a small body as FastAPI always did."""
+    client, loop_threads = off_loop_app()
+    large = {"prompt": [[5 + j % 900 for j in range(200)] for _ in range(200)]}
+    assert len(json.dumps(large)) > LARGE_BODY_BYTES
+    VALIDATED_ON.clear()
+    r = client.post("/count", json=large)
+    assert r.status_code == 200 and r.json() == {"prompts": 200, "ids": 40_000}
+    assert len(VALIDATED_ON) == 1 and VALIDATED_ON[0] != loop_threads[-1]
+    VALIDATED_ON.clear()
+    assert client.post("/count", json={"prompt": [[1, 2]]}).json() == {"prompts": 1, "ids": 2}
+    assert [loop_threads[-1]] == VALIDATED_ON  # small: on the loop
+
+
+def test_a_large_invalid_body_gets_fastapis_own_errors() -> None:
+    client, _ = off_loop_app()
+    wrong = {"prompt": [[5] * 200 for _ in range(200)] + [["x"]]}
+    r = client.post("/count", json=wrong)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "prompt", 200, 0]
+    not_json = b'{"prompt": [[' + b"5," * LARGE_BODY_BYTES + b"]"  # cut off
+    r = client.post("/count", content=not_json, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"

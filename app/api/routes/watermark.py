@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends
 from starlette.concurrency import run_in_threadpool
 
+from app.api.body_checks import OffLoopBodyRoute
 from app.api.errors import APIError
 from app.api.protocol.watermark import (
     DETECT_EXAMPLE,
@@ -21,7 +22,7 @@ from app.api.serving import encode
 from app.engine.watermark_detector import detect_watermark
 from app.state import ServerState, get_state
 
-router = APIRouter(tags=["watermark"])
+router = APIRouter(tags=["watermark"], route_class=OffLoopBodyRoute)
 
 EXAMPLES = {
     "text": {"summary": "Score a text", "value": DETECT_EXAMPLE},

@@ -8,11 +8,12 @@ hypothesis without it and writes eos_token_id[0] behind it when padding the outp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 import numpy as np
 import torch
 
+from app.engine.lanes.class_b.common import CHUNK_BEAMS, PAUSE, Pause
 from app.engine.lanes.class_b.constraints import Constraint, ConstraintListState
 
 Hypothesis = tuple[list[int], float]  # generated token ids (prompt included), sequence score
@@ -197,7 +198,9 @@ class ConstrainedBeamSearchScorer:
         pad_token_id: int | None,
         eos_token_ids: list[int],
         decoder_prompt_len: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Generator[Pause, None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """4.x's process; a generator (`yield from`) that pauses between beams' constraint
+        advances, one beam per engine step, and returns the scores, tokens and indices."""
         cur_len = input_ids.shape[-1] + 1
         size = self.num_beams
         scores = torch.zeros(size, dtype=next_scores.dtype)
@@ -223,7 +226,7 @@ class ConstrainedBeamSearchScorer:
                 beam_idx += 1
             if beam_idx == size:
                 break
-        scores, tokens, indices = self.step_sentence_constraint(
+        scores, tokens, indices = yield from self.step_sentence_constraint(
             input_ids, scores_for_all_vocab, scores, tokens, indices
         )
         if beam_idx < size:
@@ -238,9 +241,10 @@ class ConstrainedBeamSearchScorer:
         sent_beam_scores: torch.Tensor,
         sent_beam_tokens: torch.Tensor,
         sent_beam_indices: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Generator[Pause, None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Add, for every beam, the continuations that advance its constraints, then keep the
-        best beams bank by bank (round-robin over the banks of constraint progress)."""
+        best beams bank by bank (round-robin over the banks of constraint progress). Pauses
+        after every CHUNK_BEAMS beams' advances (one chunk per engine step)."""
         orig_len = sent_beam_indices.size(0)
         topk_states = self.make_constraint_states(orig_len)
         advance_states = self.make_constraint_states(orig_len)
@@ -253,6 +257,8 @@ class ConstrainedBeamSearchScorer:
         new_tokens: list[torch.Tensor] = []
         new_scores: list[torch.Tensor] = []
         for seq_idx, pre_seq in enumerate(input_ids):
+            if seq_idx > 0 and seq_idx % CHUNK_BEAMS == 0:
+                yield PAUSE
             if self.checkpoint is not None:
                 self.checkpoint()
             topk_states[seq_idx].reset(full_hypotheses[seq_idx].tolist())

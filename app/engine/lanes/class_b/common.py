@@ -9,7 +9,12 @@ a torch grad-mode context across a yield (the caller wraps every step in inferen
 Inside a step a method calls `inputs.checkpoint()` between bounded chunks of work (before
 and after a forward, per premature layer, per beam's constraint advances): it raises
 `StepInterrupted` once the client has hung up or the request's max_time has passed, so
-neither waits for the rest of a long step.
+neither waits for the rest of a long step. Where a step is long (contrastive search's
+candidate forward over many rows x positions, DoLa's many premature LM heads, constrained
+beam search's per-beam constraint advances) the method also yields `PAUSE` between chunks:
+the engine runs one chunk per engine step, so a small request arriving mid-step waits for
+one chunk, not for the rest of the step (#21 fairness). The chunks are the same operations
+on the same shapes as one unsplit step, except contrastive search's row groups (below).
 """
 
 from __future__ import annotations
@@ -37,7 +42,21 @@ class BeamOutcome:
     hypotheses: list[tuple[list[int], float]]
 
 
-Step = TokenChoice | BeamOutcome | None
+class Pause:
+    """A chunk of a step is done; the step goes on at the next `next()` (engine step)."""
+
+
+PAUSE = Pause()
+
+# Bounds on one chunk's work. Contrastive search: candidate rows x cached positions per
+# row group (each row copies the prompt's KV cache and attends over it: the step's cost).
+CHUNK_ROW_POSITIONS = 2048
+# DoLa: premature-layer LM-head logits (layers x vocabulary) per chunk.
+CHUNK_HEAD_LOGITS = 262_144
+# Constrained beam search: beams whose constraint advances run per chunk.
+CHUNK_BEAMS = 1
+
+Step = TokenChoice | BeamOutcome | Pause | None
 StepIterator = Iterator[Step]
 
 ABORTED, DEADLINE = "aborted", "deadline"

@@ -59,7 +59,7 @@ def constrained_beam_search(inputs: MethodInputs, constraints: list[Constraint])
             )
             next_indices = (next_tokens / vocab_size).long()
             next_tokens = next_tokens % vocab_size
-            scores, tokens, beam_idx = scorer.process(  # checkpoints per beam
+            scores, tokens, beam_idx = yield from scorer.process(  # a pause per beam
                 input_ids.cpu(),
                 next_token_scores.cpu(),
                 next_tokens.cpu(),

@@ -6,6 +6,9 @@ the one whose next-token distribution is furthest (Jensen-Shannon) from the fina
 decodes from log p_final - log p_premature over the tokens whose final probability is at least
 a tenth of the top one (the rest get -inf). The logits processors then apply as usual, and the
 token is the argmax, or a draw when do_sample.
+
+A step's premature LM heads run in chunks of at most CHUNK_HEAD_LOGITS logits, one chunk
+per engine step (`PAUSE` in between); each head is the same call on the same hidden state.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.engine.lanes.class_b.common import MethodInputs, StepIterator, TokenChoice
+from app.engine.lanes.class_b.common import (
+    CHUNK_HEAD_LOGITS,
+    PAUSE,
+    MethodInputs,
+    StepIterator,
+    TokenChoice,
+)
 from app.options.class_b import candidate_layers
 
 
@@ -69,6 +78,7 @@ def dola_decoding(
     config = model.config.get_text_config()
     layers = candidate_layers(dola_layers, config.num_hidden_layers, config.tie_word_embeddings)
     lm_head = model.get_output_embeddings()
+    heads_per_chunk = max(1, CHUNK_HEAD_LOGITS // int(config.vocab_size))
     do_sample = bool(inputs.generation_config.do_sample)
     input_ids = inputs.prompt_tensor()
     step_input, cache = input_ids, None
@@ -78,9 +88,14 @@ def dola_decoding(
         cache = outputs.past_key_values
         final_logits = outputs.logits[:, -1, :].float()
         premature_logits: dict[int, torch.Tensor] = {}
+        heads = 1  # LM heads in this chunk (engine step): the final one ran with the forward
         for layer in layers:  # one LM head per premature layer: a checkpoint before each
+            if layer not in premature_logits and heads >= heads_per_chunk:
+                yield PAUSE  # at most heads_per_chunk premature heads per engine step
+                heads = 0
             inputs.checkpoint()
             if layer not in premature_logits:
+                heads += 1
                 hidden = outputs.hidden_states[layer][:, -1, :]
                 premature_logits[layer] = lm_head(hidden).to(final_logits.device)
         del outputs

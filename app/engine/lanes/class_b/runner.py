@@ -4,8 +4,9 @@ The methods need what the paged batch forward does not give: k candidate forward
 and the hidden states of the last layer (contrastive), the hidden states of every layer
 (DoLa), beams re-ranked by constraint banks or by group with a per-group penalty (group and
 constrained beam search). So each request runs alone on transformers' GPT2LMHeadModel with its
-own DynamicCache, on the engine thread (the model's one owner), one step per call: between
-two of its steps the engine runs its batch steps, so other requests keep going.
+own DynamicCache, on the engine thread (the model's one owner), one step per call, or one
+chunk of a long step (the method's `PAUSE`s): between two calls the engine runs its batch
+steps, so other requests keep going.
 
 `ClassBRun` turns the method's steps into engine-shaped `SequenceOutput`s through the engine's
 one output path (output_processor.py): token-by-token methods (contrastive, DoLa) stream a
@@ -31,6 +32,7 @@ from app.engine.lanes.class_b.common import (
     DEADLINE,
     BeamOutcome,
     MethodInputs,
+    Pause,
     StepInterrupted,
     StepIterator,
     TokenChoice,
@@ -102,7 +104,8 @@ def start_method(
 
 
 class ClassBRun:
-    """One class-B request on the engine; `step()` runs one decoding step (engine thread).
+    """One class-B request on the engine; `step()` runs one chunk of a decoding step (engine
+    thread): a whole step when it is short, else up to the method's next `PAUSE`.
     `aborted` says (from any thread) that the client has gone: the method's checkpoints then
     end the step between two chunks of work, as they do once max_time has passed."""
 
@@ -149,7 +152,8 @@ class ClassBRun:
 
     @torch.inference_mode()
     def step(self) -> list[SequenceOutput]:
-        """The outputs of one decoding step ([] while beams are still searching)."""
+        """The outputs of one chunk: a decoding step's when it ends one ([] after a chunk
+        that ends mid-step, and while beams are still searching)."""
         if self.method is None:
             try:
                 self._start()
@@ -163,6 +167,8 @@ class ClassBRun:
                 self.finished = True
                 return []
             step = _END  # max_time inside a step ends it as generate's criteria would
+        if isinstance(step, Pause):
+            return []  # a chunk of a long step: the rest at the next engine step
         self.steps_done += 1
         if isinstance(step, TokenChoice):
             return [self._token(step)]
@@ -210,7 +216,7 @@ def run_method(
     tokens: list[int] = []
     total = 0.0
     with torch.inference_mode():
-        for step in start_method(model, prompt, params, tokenizer):
+        for step in start_method(model, prompt, params, tokenizer):  # pauses run on at once
             if isinstance(step, BeamOutcome):
                 return list(step.hypotheses)  # type: ignore[arg-type]
             if isinstance(step, TokenChoice):
