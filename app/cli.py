@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
+        elif isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("nargs"):
+            # Several values after the flag (vLLM's --lora-modules a=p b=p): joined by spaces.
+            parser.add_argument(flag, dest=name, nargs="+", default=None, help=help_text)
         else:
             parser.add_argument(
                 flag, dest=name, type=converter, choices=choices, default=None, help=help_text
@@ -52,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     namespace = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(namespace).items() if v is not None}
+    overrides = {
+        k: " ".join(v) if isinstance(v, list) else v
+        for k, v in vars(namespace).items()
+        if v is not None
+    }
     return Settings(**overrides)
 
 

@@ -19,6 +19,20 @@ def default_model_path() -> str:
     return str(DEFAULT_MODEL_DIR)
 
 
+def parse_lora_modules(value: str | None) -> dict[str, str]:
+    """``NAME=PATH`` entries separated by spaces or commas -> {name: path} (ValueError naming
+    the entry that is malformed or repeats a name)."""
+    modules: dict[str, str] = {}
+    for entry in (value or "").replace(",", " ").split():
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"lora_modules: {entry!r} is not NAME=PATH")
+        if name in modules:
+            raise ValueError(f"lora_modules: the name {name!r} is given twice")
+        modules[name] = path
+    return modules
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KOGPT_", extra="ignore", protected_namespaces=())
 
@@ -41,6 +55,22 @@ class Settings(BaseSettings):
         default=False,
         description="/v1: a `model` that is none of the served names is a 404 model_not_found. "
         "Default: any name is accepted and answered by the one served model (TGI's behaviour).",
+    )
+    lora_modules: str | None = Field(
+        default=None,
+        description="LoRA adapters (peft format) loaded at start, as NAME=PATH entries (several "
+        "after the flag, or separated by spaces or commas in the env var); a request selects "
+        "one by name (/v1 `model`, TGI `parameters.adapter_id`). A bad path or an adapter "
+        "that does not fit the model fails the start-up, naming the adapter.",
+        json_schema_extra={"nargs": "+"},
+    )
+    max_loras: int = Field(
+        default=8,
+        ge=0,
+        description="Most LoRA adapters loaded at once (start-up and /v1/load_lora_adapter).",
+    )
+    max_lora_rank: int = Field(
+        default=64, ge=1, le=64, description="Largest LoRA rank an adapter may have (1..64)."
     )
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port to bind.")
@@ -238,6 +268,17 @@ class Settings(BaseSettings):
         name; the first is the reported one."""
         names = [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
         return names or [Path(self.model).name or self.model]
+
+    @property
+    def lora_module_paths(self) -> dict[str, str]:
+        """--lora-modules as name -> path, in the order given."""
+        return parse_lora_modules(self.lora_modules)
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _lora_modules_parse(cls, value: str | None) -> str | None:
+        parse_lora_modules(value)  # fail at start on a malformed entry
+        return value
 
     @field_validator("chat_template")
     @classmethod

@@ -39,8 +39,10 @@ except the per-step batch size histogram, which is observed after every engine s
 The Gateway API Inference Extension's endpoint picker reads kogpt_requests_waiting (queued),
 kogpt_requests_running, kogpt_kv_cache_usage_ratio (0..1), kogpt_lora_requests_info and
 kogpt_cache_config_info (its model-server protocol; docker/k8s/inference-pool/). The adapter
-gauge has vLLM's lora_requests_info labels (running_lora_adapters, waiting_lora_adapters,
-max_lora); no adapters are served yet, so its lists are empty and max_lora is 0.
+gauge has vLLM's lora_requests_info labels: running_lora_adapters and waiting_lora_adapters
+(comma-separated names of the LoRA adapters of running and of waiting requests; empty when
+only the base model runs) and max_lora (--max-loras); its value is when the label set last
+changed (the picker keeps the newest series).
 """
 
 from __future__ import annotations
@@ -113,8 +115,9 @@ class EngineCollector(Collector):
         self.model = model
         self.async_engine = async_engine
         # The adapter info gauge's value is when its label set last changed (the picker keeps
-        # the newest series); with no adapters it never changes after start-up.
+        # the newest series).
         self.lora_info_since = time.time()
+        self.lora_labels: tuple[str, str] = ("", "")
 
     def collect(self) -> Iterator[Metric]:
         engine = self.async_engine.engine
@@ -133,16 +136,29 @@ class EngineCollector(Collector):
             yield family
         yield from self.info_families(block_size, int(stats["kv_total_blocks"]))
 
+    def _lora_labels(self) -> tuple[str, str, str]:
+        """(running, waiting, max_lora) label values; the value's timestamp moves when the
+        adapter lists change."""
+        engine = self.async_engine.engine
+        try:
+            running, waiting = engine.lora_activity()
+            labels = (",".join(running), ",".join(waiting))
+        except RuntimeError:  # the scheduler's queues changed while read: the last lists
+            labels = self.lora_labels
+        if labels != self.lora_labels:
+            self.lora_labels = labels
+            self.lora_info_since = time.time()
+        return (*labels, str(engine.lora.max_loras))
+
     def info_families(self, block_size: int, num_blocks: int) -> Iterator[Metric]:
         """Info-style gauges of the inference extension's model-server protocol: the label
-        values carry the data. No LoRA adapters are served yet, so both lists are empty and
-        max_lora is 0."""
+        values carry the data (the adapters of running and waiting requests, --max-loras)."""
         lora = GaugeMetricFamily(
             "kogpt_lora_requests_info",
             "LoRA adapters running and waiting (value: when the label set last changed).",
             labels=["model", "running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        lora.add_metric([self.model, "", "", "0"], self.lora_info_since)
+        lora.add_metric([self.model, *self._lora_labels()], self.lora_info_since)
         yield lora
         cache = GaugeMetricFamily(
             "kogpt_cache_config_info",

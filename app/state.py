@@ -15,6 +15,7 @@ from app import __version__
 from app.config import Settings
 from app.engine.async_engine import AsyncEngine
 from app.engine.engine import EngineConfig, LLMEngine
+from app.engine.lora_registry import LoRALimitError, LoRALoadError, LoRANameError
 from app.engine.spec.draft_model import check_same_tokenizer
 from app.engine.transformers_version import (
     MATCHED_TRANSFORMERS,
@@ -88,6 +89,8 @@ def build_state(settings: Settings) -> ServerState:
                 enforce_eager=settings.enforce_eager,
                 native_kernels=settings.native_kernels,
                 batch_invariant=settings.batch_invariant,
+                max_loras=settings.max_loras,
+                max_lora_rank=settings.max_lora_rank,
             ),
             draft_model=draft.model if draft else None,
         )
@@ -97,6 +100,7 @@ def build_state(settings: Settings) -> ServerState:
             "CUDA graphs: lower --gpu-memory-utilization, --kv-cache-memory-gb or "
             "--num-kv-blocks, or set --enforce-eager"
         ) from exc
+    load_lora_modules(settings, engine)
     async_engine = AsyncEngine(engine, settings.max_waiting_requests)
     n_positions = int(config.n_positions)
     max_total = min(settings.max_total_tokens or n_positions, n_positions)
@@ -112,6 +116,21 @@ def build_state(settings: Settings) -> ServerState:
         settings.block_size,
     )
     return ServerState(settings, loaded, async_engine, name, max_input, max_total, sizing)
+
+
+class LoRAStartupError(RuntimeError):
+    """An adapter of --lora-modules cannot be served (the message names it and says why)."""
+
+
+def load_lora_modules(settings: Settings, engine: LLMEngine) -> None:
+    """--lora-modules: every adapter loaded now; the first that fails stops the start-up."""
+    engine.lora.reserved_names = frozenset(settings.served_model_names)
+    for name, path in settings.lora_module_paths.items():
+        try:
+            adapter = engine.lora.load(name, path)
+        except (LoRALoadError, LoRANameError, LoRALimitError) as exc:
+            raise LoRAStartupError(f"--lora-modules {name}={path}: {exc}") from exc
+        logger.info("LoRA adapter %s (rank %d) loaded from %s", name, adapter.rank, path)
 
 
 def load_draft_model(settings: Settings, loaded: LoadedModel) -> LoadedModel | None:
@@ -166,6 +185,12 @@ def info_dict(state: ServerState) -> dict[str, Any]:
         "max_constraint_work": state.settings.max_constraint_work,
         "max_contrastive_work": state.settings.max_contrastive_work,
         "max_dola_work": state.settings.max_dola_work,
+        "lora_adapters": [
+            {"name": name, "path": served.adapter.path, "rank": served.adapter.rank}
+            for name, served in engine.lora.served().items()
+        ],
+        "max_loras": engine.lora.max_loras,
+        "max_lora_rank": engine.lora.max_lora_rank,
         "kv_cache": {
             "num_blocks": engine.kv.num_blocks,
             "block_size": engine.kv.block_size,

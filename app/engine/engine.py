@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from app.engine.grammar import ConstraintFactory
 from app.engine.lanes.class_b.runner import ClassBRun, rows_error
 from app.engine.lanes.context import LaneContext, LaneRequestError, LaneRun
 from app.engine.lanes.exact import ExactRun
+from app.engine.lora_registry import LoRARegistry
 from app.engine.model_runner import ModelRunner, StepResult, score_prompt_rows
 from app.engine.output_processor import OutputProcessor
 from app.engine.outputs import GeneratedToken, PromptLogprob, RequestOutput, SequenceOutput
@@ -59,6 +60,33 @@ class EngineConfig:
     static_decode: bool | None = None  # padded decode: None = with graphs; True on CPU: tests
     native_kernels: NativeKernels = "auto"  # app/modeling/native.py
     batch_invariant: BatchInvariant = "auto"  # app/modeling/batch_invariant.py
+    max_loras: int = 8  # LoRA adapters loaded at once (lora_registry.py)
+    max_lora_rank: int = 64
+
+
+class LoRARequestError(ValueError):
+    """A LoRA adapter asked for with an option that does not run on the batched forward."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_lora_request(params: SamplingParams, diagnostics: tuple[str, ...]) -> None:
+    """LoRA adapters apply in the paged forward only: the exclusive lanes (class-B methods,
+    output_attentions / output_hidden_states) and token healing run transformers' base
+    model, so a LoRA request there is refused (a 422) rather than served by the base."""
+    if diagnostics:
+        raise LoRARequestError(
+            f"`{diagnostics[0]}` (the exact lane) is not served with a LoRA adapter",
+            diagnostics[0],
+        )
+    if isinstance(params, ClassBParams) and params.class_b is not None:
+        raise LoRARequestError(
+            f"the decoding method {params.class_b.method} is not served with a LoRA adapter"
+        )
+    if params.token_healing:
+        raise LoRARequestError("`token_healing` is not served with a LoRA adapter", "token_healing")
 
 
 class LLMEngine:
@@ -84,6 +112,14 @@ class LLMEngine:
             batch_invariant=config.batch_invariant,
         )
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        # LoRA adapters requests may name (add_request's lora_name); loaded by the caller.
+        self.lora = LoRARegistry(
+            hf_model.config,
+            self.runner.device,
+            self.runner.dtype,
+            config.max_loras,
+            config.max_lora_rank,
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv
         )
@@ -142,8 +178,13 @@ class LLMEngine:
     ) -> None:
         """Admit a request. `diagnostics` (output_attentions / output_hidden_states) and the
         class-B methods take an exclusive lane; everything else the batched one.
-        `params.max_new_tokens == 0`: the prompt only (its log-probs), nothing sampled."""
+        `params.max_new_tokens == 0`: the prompt only (its log-probs), nothing sampled.
+        `params.lora_name`: a loaded LoRA adapter the request runs with (batched lane only)."""
         class_b = isinstance(params, ClassBParams) and params.class_b is not None
+        lora = None
+        if params.lora_name is not None:
+            check_lora_request(params, diagnostics)
+            lora = self.lora.get(params.lora_name)  # LoRANotFoundError: unloaded meanwhile
         lane_prompt = None
         if params.prompt_logprobs is not None and (diagnostics or class_b):
             # The exclusive lanes run transformers' generate, not the paged prefill: their
@@ -193,6 +234,8 @@ class LLMEngine:
         )
         if params.prompt_logprobs is not None and prompt_len > 1:
             request.prompt_logprobs = params.prompt_logprobs
+        if lora is not None:  # every sequence of the request (guidance's companion too)
+            request.lora, request.cache_salt = lora.adapter, lora.cache_salt
         output = OutputProcessor(params, prompt_token_ids, self.tokenizer, lambda: self.token_bytes)
         generator = None
         if params.seed is not None and params.do_sample:
@@ -544,6 +587,14 @@ class LLMEngine:
     # -- introspection -------------------------------------------------------------------
     def check_integrity(self) -> None:
         self.kv.check_integrity()
+
+    def lora_activity(self) -> tuple[list[str], list[str]]:
+        """Names of the LoRA adapters of running and of waiting requests (metrics)."""
+
+        def names(requests: Iterable[Request]) -> list[str]:
+            return sorted({r.lora.name for r in requests if r.lora is not None})
+
+        return names(self.scheduler.running), names(self.scheduler.waiting)
 
     def stats(self) -> dict[str, float]:
         return {

@@ -1,7 +1,9 @@
 """Owns the KV tensors and the paged model; turns a SchedulerOutput into logits.
 
 All-decode steps that fit the CUDA-graph ladder run the padded decode (replayed graphs on
-CUDA, app/modeling/cuda_graphs.py); every other step runs the varlen forward.
+CUDA, app/modeling/cuda_graphs.py); every other step runs the varlen forward, and so does
+every step with a LoRA adapter's rows (`ScheduledSeq.lora`: the step carries the adapters'
+row plan, app/modeling/lora.py; the graphs are captured for the base model only).
 
 Prompt log-probs (SamplingParams.prompt_logprobs) are computed in the same batched forward:
 the LM head runs over the prompt positions of the chunks that ask for them
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 
 import torch
 
@@ -25,6 +28,7 @@ from app.modeling.cuda_graphs import DecodeGraphs
 from app.modeling.gpt2 import PagedGPT2
 from app.modeling.kv_cache import KVCache
 from app.modeling.linear import LinearBackend, Quantize
+from app.modeling.lora import LoRAStacks, StepLoRA
 from app.modeling.native import NativeKernels
 
 # Logits (rows x vocab) of prompt positions computed at once: 2**24 (64 MiB in float32; 320
@@ -78,6 +82,8 @@ class ModelRunner:
             self.config, num_blocks + int(padded), block_size, self.dtype, self.device
         )
         self.step_timer = StepTimer(self.device)
+        # Concatenated weights of the adapter sets recent steps ran (app/modeling/lora.py).
+        self.lora_stacks = LoRAStacks()
         self.decode_graphs: DecodeGraphs | None = None
         if padded:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, num_blocks)
@@ -98,7 +104,10 @@ class ModelRunner:
         """The step's forward: sampling logits, and prompt log-probs where chunks ask."""
         self.kv_cache.copy_blocks(out.cow_copies)
         asking = any(item.prompt_targets for item in out.seqs)
-        graphs = None if asking else self.decode_graphs  # graphs return sampling rows only
+        lora = any(item.lora is not None for item in out.seqs)
+        # Graphs return sampling rows only, and are captured without LoRA updates: a step
+        # with adapter rows runs the eager varlen forward.
+        graphs = None if asking or lora else self.decode_graphs
         shape = graphs.shape_for(out.seqs) if graphs is not None else None
         prompt: list[tuple[ScheduledSeq, list[PromptLogprob]]] = []
         if graphs is not None and shape is not None:
@@ -114,6 +123,11 @@ class ModelRunner:
                 paged_decode=self.model.paged_decode,
                 paged_chunk_tokens=self.model.paged_chunk_tokens,
             )
+            if lora:  # each token row runs with its sequence's adapter (None: the base)
+                rows = chain.from_iterable(
+                    repeat(item.lora, len(item.token_ids)) for item in out.seqs
+                )
+                step.lora = StepLoRA.build(rows, self.device, self.lora_stacks)
             self.step_timer.forward_started()
             if asking:
                 hidden = self.model.forward_hidden(step, self.kv_cache)

@@ -44,6 +44,8 @@ from itertools import chain
 
 import torch
 
+from app.modeling.lora import StepLoRA
+
 
 @dataclass
 class SeqChunk:
@@ -107,6 +109,9 @@ class StepInput:
     block_size: int = 16
     num_tokens: int = 0
     max_position: int = -1  # largest position in the step (validated against n_positions)
+    # LoRA adapters' rows (app/modeling/lora.py), set by the model runner when a scheduled
+    # sequence has an adapter; None: the base model only, no LoRA work at all.
+    lora: StepLoRA | None = None
 
 
 # Keys per decode attention batch on CPU: the gathered K and V of a batch (~1 MB each at

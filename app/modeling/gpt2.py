@@ -54,6 +54,7 @@ from app.modeling.batch_invariant import (
 )
 from app.modeling.kv_cache import KVCache, Workspace
 from app.modeling.linear import GPT2Linears, LinearBackend, Quantize, build_linears
+from app.modeling.lora import StepLoRA
 from app.modeling.native import (
     NativeKernels,
     gelu_new_,
@@ -314,6 +315,7 @@ class PagedGPT2(nn.Module):
             plan.qkv,
             plan.out,
             lambda i: self.attention(plan, kv_cache.keys[i], kv_cache.values[i], step),
+            step.lora,
         )
         return hidden
 
@@ -326,14 +328,20 @@ class PagedGPT2(nn.Module):
         qkv: torch.Tensor,
         attn_out: torch.Tensor,
         attend: Callable[[int], None],
+        lora: StepLoRA | None = None,
     ) -> torch.Tensor:
         """The transformer blocks over ``hidden`` [T, n_embd]. Each layer writes its q/k/v
         into ``qkv`` [T, 3 * n_embd]; ``attend(i)`` turns them into ``attn_out`` [T, H, hd].
-        Shared by this forward and the fixed-shape decode (app/modeling/static_decode.py)."""
+        ``lora``: adapters' rows; each adds its low-rank update after every Conv1D it targets
+        (app/modeling/lora.py). Shared by this forward and the fixed-shape decode
+        (app/modeling/static_decode.py)."""
         T, E = hidden.shape
         act = gelu_new_ if self.act is gelu_new and self.uses_native() else self.act
-        if act is not gelu_new_ and self.is_batch_invariant():
+        invariant = self.is_batch_invariant()
+        if act is not gelu_new_ and invariant:
             act = _row_by_row(act)
+        if lora:
+            return self._run_layers_lora(hidden, qkv, attn_out, attend, lora, act, invariant)
         for i, (block, lin) in enumerate(zip(self.h, self.linears().blocks, strict=True)):
             x = F.layer_norm(hidden, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
             lin.qkv(x, out=qkv)  # the caller's views of qkv are this layer's q/k/v
@@ -342,6 +350,31 @@ class PagedGPT2(nn.Module):
             x = F.layer_norm(hidden, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
             x = act(lin.fc(x))
             hidden = hidden + lin.mlp_proj(x)
+        return hidden
+
+    def _run_layers_lora(
+        self,
+        hidden: torch.Tensor,
+        qkv: torch.Tensor,
+        attn_out: torch.Tensor,
+        attend: Callable[[int], None],
+        lora: StepLoRA,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        invariant: bool,
+    ) -> torch.Tensor:
+        """``run_layers`` with each adapter's update added to its rows after every Conv1D
+        (the base matmul once over all rows; peft's unmerged forward for the adapters')."""
+        T, E = hidden.shape
+        for i, (block, lin) in enumerate(zip(self.h, self.linears().blocks, strict=True)):
+            x = F.layer_norm(hidden, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
+            lin.qkv(x, out=qkv)
+            lora.add(qkv, x, i, "attn.c_attn", invariant)  # before attention reads q/k/v
+            attend(i)
+            a = attn_out.view(T, E)
+            hidden = hidden + lora.add(lin.attn_proj(a), a, i, "attn.c_proj", invariant)
+            x = F.layer_norm(hidden, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
+            x = act(lora.add(lin.fc(x), x, i, "mlp.c_fc", invariant))
+            hidden = hidden + lora.add(lin.mlp_proj(x), x, i, "mlp.c_proj", invariant)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

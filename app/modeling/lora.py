@@ -2,9 +2,11 @@
 
 A batch can hold rows of several adapters and of the base model. The base matmul runs once
 over every row (app/modeling/linear.py); each adapter present then adds its low-rank update
-to its own rows only, one pair of small matmuls per adapter over the rows it owns (the
-segmented gather of punica / S-LoRA: on a CPU one gathered matmul per adapter beats a
-per-row weight gather, which would copy an [in, r] matrix per row).
+to its own rows only: ``add_lora``, one pair of small matmuls per adapter over the rows it
+owns (the segmented gather of punica / S-LoRA: on a CPU one gathered matmul per adapter
+beats a per-row weight gather, which would copy an [in, r] matrix per row), or with several
+adapters in a step ``StepLoRA``'s stacked update, one pair of matmuls for all of them (the
+forward's hook, app/modeling/gpt2.py; tests/benchmarks/lora.py measures both).
 
 The update is peft's unmerged LoRA forward, op for op: ``y + lora_B(lora_A(x)) * scaling``
 with ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per-module ranks and
@@ -22,12 +24,16 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from app.modeling.batch_invariant import row_invariant
+from app.modeling.linear import Linear
 
 # GPT-2's Conv1D layers, as peft names them under ``transformer.h.<i>.``.
 GPT2_LORA_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -51,6 +57,16 @@ class LoRAWeights:
     scaling: float
 
 
+class _MatmulBy:
+    """``x @ weight`` with app/modeling/linear.py's Linear call signature."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.matmul(x, self.weight, out=out)
+
+
 @dataclass
 class LoRAAdapter:
     """A loaded adapter: its name, rank and the updates of the layers it targets."""
@@ -60,6 +76,25 @@ class LoRAAdapter:
     rank: int
     weights: dict[tuple[int, str], LoRAWeights] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
+    # Batch-invariant mode: each layer's two matmuls wrapped row-invariant, built on first use.
+    _invariant: dict[tuple[int, str], tuple[Linear, Linear]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def invariant_matmuls(self, layer: int, module: str) -> tuple[Linear, Linear]:
+        """``x @ a`` and ``h @ b`` of one layer as RowInvariantLinear calls (the call-size
+        policy that app/modeling/batch_invariant.py's probe picks for their shapes): a
+        row's update then has the same bits however many rows share the adapter."""
+        pair = self._invariant.get((layer, module))
+        if pair is None:
+            w = self.weights[(layer, module)]
+            (fan_in, r), fan_out = w.a.shape, w.b.shape[1]
+            pair = (
+                row_invariant(_MatmulBy(w.a), fan_in, r, w.a.dtype),
+                row_invariant(_MatmulBy(w.b), r, fan_out, w.b.dtype),
+            )
+            self._invariant[(layer, module)] = pair
+        return pair
 
     @property
     def nbytes(self) -> int:
@@ -225,17 +260,143 @@ def plan_lora_rows(
 
 
 def add_lora(
-    y: torch.Tensor, x: torch.Tensor, plan: list[LoRARows], layer: int, module: str
+    y: torch.Tensor,
+    x: torch.Tensor,
+    plan: list[LoRARows],
+    layer: int,
+    module: str,
+    invariant: bool = False,
 ) -> torch.Tensor:
     """``y[rows] += lora_B(lora_A(x[rows])) * scaling`` for each adapter's rows, in place
-    (``y`` is the base Conv1D's output for ``x``, both ``[T, *]``)."""
+    (``y`` is the base Conv1D's output for ``x``, both ``[T, *]``). ``invariant``
+    (batch-invariant mode): the two matmuls run row-invariant (LoRAAdapter.invariant_matmuls),
+    so a row's update does not depend on how many rows share its adapter in the step (a
+    plain matmul's blocking may follow the row count)."""
     for group in plan:
         weights = group.adapter.weights.get((layer, module))
         if weights is None:
             continue
-        if group.rows is None:
+        if invariant:
+            a, b = group.adapter.invariant_matmuls(layer, module)
+            rows_x = x if group.rows is None else x.index_select(0, group.rows)
+            update = b(a(rows_x)) * weights.scaling
+            if group.rows is None:
+                y.add_(update)
+            else:
+                y.index_add_(0, group.rows, update)
+        elif group.rows is None:
             y.add_(((x @ weights.a) @ weights.b) * weights.scaling)
         else:
             update = ((x.index_select(0, group.rows) @ weights.a) @ weights.b) * weights.scaling
             y.index_add_(0, group.rows, update)
     return y
+
+
+class LoRAStacks:
+    """Concatenated weights of a set of adapters, per layer and module, for the stacked
+    update (StepLoRA): built on first use and kept for the last few adapter sets (a steady
+    mix of running requests has the same set step after step). Holding the adapters keeps
+    their ids unique while cached."""
+
+    def __init__(self, max_sets: int = 4) -> None:
+        self.max_sets = max_sets
+        self._sets: OrderedDict[tuple[int, ...], tuple[tuple[LoRAAdapter, ...], dict]] = (
+            OrderedDict()
+        )
+
+    def get(self, adapters: tuple[LoRAAdapter, ...], layer: int, module: str) -> _Stack | None:
+        key = tuple(id(a) for a in adapters)
+        entry = self._sets.get(key)
+        if entry is None:
+            entry = self._sets[key] = (adapters, {})
+            while len(self._sets) > self.max_sets:
+                self._sets.popitem(last=False)
+        else:
+            self._sets.move_to_end(key)
+        stacks = entry[1]
+        if (layer, module) not in stacks:
+            stacks[(layer, module)] = _Stack.build(adapters, layer, module)
+        return stacks[(layer, module)]
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """One layer's module for a set of adapters: A's side by side [in, R], B's stacked
+    [R, out], and per column of R its adapter (position in the set) and scaling."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    owner: torch.Tensor  # [R] long
+    scale: torch.Tensor  # [R] in the weights' dtype
+    layout: tuple[tuple[int, int, float], ...]  # (adapter position, rank, scaling) per part
+
+    @classmethod
+    def build(cls, adapters: tuple[LoRAAdapter, ...], layer: int, module: str) -> _Stack | None:
+        parts = [(k, a.weights.get((layer, module))) for k, a in enumerate(adapters)]
+        present = [(k, w) for k, w in parts if w is not None]
+        if not present:
+            return None
+        a = torch.cat([w.a for _, w in present], dim=1)
+        b = torch.cat([w.b for _, w in present], dim=0)
+        owner = torch.cat([torch.full((w.a.shape[1],), k, dtype=torch.long) for k, w in present])
+        scale = torch.cat(
+            [torch.full((w.a.shape[1],), w.scaling, dtype=a.dtype) for _, w in present]
+        )
+        layout = tuple((k, int(w.a.shape[1]), w.scaling) for k, w in present)
+        return cls(a, b, owner.to(a.device), scale.to(a.device), layout)
+
+
+@dataclass
+class StepLoRA:
+    """One step's LoRA work, shared by every layer: the rows of each adapter present
+    (``groups``) and each row's adapter position (``row_index``, -1: the base model).
+
+    With two or more adapters in the step the update is stacked: one matmul of every row by
+    all present adapters' A side by side, a mask that keeps each row's own adapter's columns
+    (times its scaling), and one matmul by the B's stacked: two matmuls per layer and module
+    whatever the number of adapters (a row also multiplies the other adapters' A: rank x
+    adapters extra columns, cheap next to the per-adapter calls it saves). Exact zeros
+    outside a row's columns add nothing; the sum's rounding differs from peft's per-adapter
+    forward at the last bit, as the merged model's does. Batch-invariant mode uses the
+    per-adapter update (add_lora, row-invariant): the stacked width follows the batch."""
+
+    groups: list[LoRARows]
+    adapters: tuple[LoRAAdapter, ...]
+    row_index: torch.Tensor  # [T] long
+    stacks: LoRAStacks
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        row_adapters: Iterable[LoRAAdapter | None],
+        device: torch.device | str,
+        stacks: LoRAStacks | None = None,
+    ) -> StepLoRA | None:
+        """None when no row has an adapter (the forward then does no LoRA work at all)."""
+        rows = list(row_adapters)
+        groups = plan_lora_rows(rows, device)
+        if not groups:
+            return None
+        adapters = tuple(g.adapter for g in groups)
+        position = {id(a): k for k, a in enumerate(adapters)}
+        index = [-1 if a is None else position[id(a)] for a in rows]
+        row_index = torch.tensor(index, dtype=torch.long, device=device)
+        return cls(groups, adapters, row_index, stacks or LoRAStacks())
+
+    def add(
+        self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, invariant: bool = False
+    ) -> torch.Tensor:
+        """``y += `` each row's adapter update for ``x`` (in place; base rows unchanged)."""
+        if invariant or len(self.adapters) == 1:
+            return add_lora(y, x, self.groups, layer, module, invariant)
+        stack = self.stacks.get(self.adapters, layer, module)
+        if stack is None:
+            return y
+        mask = self._masks.get(stack.layout)
+        if mask is None:  # per layout, once per step (usually one layout for all layers)
+            keep = self.row_index[:, None] == stack.owner[None, :]
+            mask = self._masks[stack.layout] = keep.to(stack.scale.dtype) * stack.scale
+        h = x @ stack.a
+        h.mul_(mask)
+        return y.addmm_(h, stack.b)

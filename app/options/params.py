@@ -105,6 +105,9 @@ class SamplingParams:
     # given the tokens before it, with this many top alternatives (0: the token's own only);
     # None: none. The engine computes them in the batched prefill (model_runner.py).
     prompt_logprobs: int | None = None
+    # Not an option (the routes set it from the request's model / adapter_id): the loaded
+    # LoRA adapter the request runs with (app/engine/lora_registry.py); None: the base model.
+    lora_name: str | None = None
     # Prompt-lookup decoding (speculative: no effect on output, see engine/spec/decoder.py).
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None

@@ -384,8 +384,9 @@ _ROWS: list[Option] = [
     _o("watermark", "API", bool, "Watermark (default WatermarkingConfig).", default=False,
        lane=API, model=TGI_MODEL, wire_default=False,
        note="watermarking_config = transformers' default WatermarkingConfig"),
-    _o("adapter_id", "API", str, "LoRA adapter: not served (422).", status=REJECTED,
-       model=TGI_MODEL, note="no LoRA adapters are served"),
+    _o("adapter_id", "API", str, "A loaded LoRA adapter by name (or the model's name).",
+       lane=API, model=TGI_MODEL,
+       note="selects a LoRA adapter (--lora-modules, /v1/load_lora_adapter); unknown: 404"),
     # -- the prompt as ids (GenerateRequest) -------------------------------------------
     _o("input_ids", "API", list[int], "The prompt as token ids (instead of `inputs`).",
        rules="non-empty " + TOKEN_IDS, default_text="null (use `inputs`)", lane=API,

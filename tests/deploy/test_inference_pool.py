@@ -265,9 +265,9 @@ def test_the_configured_metrics_are_exported_as_gauges(
     assert int(block_size) == settings.block_size
     assert int(blocks) == settings.num_kv_blocks
     lora = exported[metric_name(engine_config["loraSpec"])].samples[0]
-    # No adapters are served: empty lists, max_lora 0, the value a timestamp.
+    # No adapter requests run: empty lists, max_lora --max-loras, the value a timestamp.
     assert lora.labels["running_lora_adapters"] == lora.labels["waiting_lora_adapters"] == ""
-    assert lora.labels["max_lora"] == "0"
+    assert lora.labels["max_lora"] == str(settings.max_loras)
     assert lora.value > 1e9
 
 

@@ -101,9 +101,12 @@ def test_not_applicable_options_name_field_and_reason(client: httpx.Client) -> N
 def test_not_yet_options(client: httpx.Client) -> None:
     # No option is "not yet" now: class B: test_class_b_http.py; grammar, allowed_token_ids:
     # test_grammar_http.py; frequency / presence penalties: test_penalties.py,
-    # test_tgi_semantics.py. adapter_id stays refused.
-    body = refused(client, {"adapter_id": "lora-1"})
-    assert body["field"] == "adapter_id" and "adapters" in body["error"]
+    # test_tgi_semantics.py. adapter_id selects a LoRA adapter (test_lora_http.py): one that
+    # is not loaded is a 404 naming the field and the served names; the model's own name is
+    # the base model.
+    r = client.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "lora-1"}})
+    assert r.status_code == 404 and r.json()["field"] == "adapter_id"
+    assert "lora-1" in r.json()["error"] and "serves" in r.json()["error"]
     # class-B options at their neutral values are as omitted (plain greedy in the engine)
     neutral = {"num_beam_groups": 1, "diversity_penalty": 0, "penalty_alpha": 0}
     assert generate(client, {**GREEDY, **neutral}) == generate(client, GREEDY)

@@ -160,6 +160,9 @@ def test_vllm_prompt_logprobs_on_chat(client: httpx.Client, live_server: LiveSer
     ids = data["prompt_token_ids"]
     assert len(ids) == data["usage"]["prompt_tokens"]
     check_vllm(live_server, ids, data["prompt_logprobs"], 1)
+    # vLLM refuses them in a chat stream (its chunks have no place for them)
+    r = client.post("/v1/chat/completions", json={**body, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
 
 
 def test_tgi_decoder_input_details(client: httpx.Client, live_server: LiveServer) -> None:

@@ -180,5 +180,5 @@ COVERAGE: dict[str, tuple[str, ...]] = {
     "watermark": (OC_ALIASES,),
     "frequency_penalty": (PEN_ENGINE, PEN_HAND, PEN_TGI),
     "presence_penalty": (PEN_ENGINE, PEN_HAND, PEN_OAI),
-    "adapter_id": (OC_B,),
+    "adapter_id": (OC_B, "tests/integration/test_lora_http.py::test_adapter_id_on_tgi_routes"),
 }

@@ -309,7 +309,6 @@ def test_split_options_by_class() -> None:
         ({"encoder_no_repeat_ngram_size": 2}, "encoder_no_repeat_ngram_size", "decoder-only"),
         ({"num_assistant_tokens": 5}, "num_assistant_tokens", "no draft model"),
         ({"use_mtp": True}, "use_mtp", "multi-token"),
-        ({"adapter_id": "x"}, "adapter_id", "adapters"),
     ],
 )
 def test_split_options_refusals_name_field_and_reason(

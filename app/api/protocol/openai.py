@@ -297,13 +297,40 @@ class CompletionChunk(CompletionResponse):
 
 
 class ModelCard(BaseModel):
-    """One served name (--served-model-name aliases are each a card; all are the same model)."""
+    """One served name (--served-model-name aliases are each a card; all are the same model),
+    or a LoRA adapter (vLLM's shape: `root` its path, `parent` the base model's id)."""
 
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "kogpt-serve"
     max_model_len: int
+    root: str | None = None
+    parent: str | None = None
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"lora_name": "poem", "lora_path": "/adapters/poem"}]},
+    )
+
+    lora_name: str = Field(min_length=1, description="The name requests select it by.")
+    lora_path: str = Field(min_length=1, description="A peft LoRA adapter directory.")
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body (`lora_int_id` is accepted and unused)."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"lora_name": "poem"}]}
+    )
+
+    lora_name: str = Field(min_length=1, description="A loaded adapter's name.")
+    lora_int_id: int | None = None
 
 
 class ModelList(BaseModel):

@@ -59,8 +59,6 @@ class _TGIParameters(GenerateOptions):  # type: ignore[misc, valid-type]
         if self.watermark and "watermarking_config" not in data:
             data["watermarking_config"] = {}
             renames["watermarking_config"] = "watermark"
-        if self.adapter_id is not None:  # the registry rejects it (split_options)
-            data["adapter_id"] = self.adapter_id
         return data, renames
 
     def tgi_options(self) -> tuple[dict[str, Any], dict[str, str]]:

@@ -20,6 +20,7 @@ from typing import Any
 import jinja2
 from fastapi import APIRouter, Body, Depends, Request
 
+from app.api.body_checks import OffLoopBodyRoute
 from app.api.errors import APIError
 from app.api.protocol.chat import (
     CHAT_EXAMPLE,
@@ -40,9 +41,9 @@ from app.api.protocol.openai_options import (
 from app.api.routes.openai import (
     ERRORS,
     check_context,
-    check_model,
     check_prompt_fits,
     default_eos_ids,
+    select_model,
 )
 from app.api.serving import (
     Completion,
@@ -61,7 +62,7 @@ from app.prompts.chat_template import render_chat_prompt, resolve_template, turn
 from app.prompts.encoding import PlainTextError, encode_prompt
 from app.state import ServerState, get_state
 
-router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], route_class=OffLoopBodyRoute)
 
 # Legacy-completions fields that chat does not have: as extra fields they are unknown, not
 # options. Other CompletionRequest fields sent as extras (e.g. response_format, where served)
@@ -189,8 +190,16 @@ def token_bytes(tokenizer: Any) -> list[bytes]:
 class ChatBuilder:
     """Response pieces shared by the streaming and non-streaming paths."""
 
-    def __init__(self, state: ServerState, body: ChatCompletionRequest, ids: list[int], n: int):
+    def __init__(
+        self,
+        state: ServerState,
+        body: ChatCompletionRequest,
+        ids: list[int],
+        n: int,
+        lora_name: str | None = None,
+    ):
         self.state, self.body, self.prompt_tokens, self.n = state, body, len(ids), n
+        self.model_name = lora_name or state.model_name  # the adapter's name, as vLLM
         self.prompt_ids = ids
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -239,7 +248,7 @@ class ChatBuilder:
             {
                 "id": self.id,
                 "created": self.created,
-                "model": self.state.model_name,
+                "model": self.model_name,
                 "choices": choices,
                 "usage": self.usage(sum(len(c.steps) for c in completions)),
                 "prompt_token_ids": self.prompt_ids if token_ids else None,
@@ -260,7 +269,7 @@ class ChatBuilder:
                 "id": self.id,
                 "object": "chat.completion.chunk",
                 "created": self.created,
-                "model": self.state.model_name,
+                "model": self.model_name,
                 "system_fingerprint": None,
                 "choices": choices,
                 "usage": None if usage is None else usage.model_dump(),
@@ -330,17 +339,22 @@ async def chat_completions(
     by the chat template (`<usr>{question}<sys>{answer}</s>` turns unless configured) and the
     answer ends at `</s>` or at the next `<usr>`. Any generate option may be added as an extra
     field (the `openai` package's `extra_body`)."""
-    check_model(state, body.model)
+    lora_name = select_model(state, body.model)
     check_request_fields(body, request.url.path)
     ids, text = chat_prompt(state, body.messages, body)
     options, renames, n = chat_options(state, body, ids)
     params = build_params(state, options, len(ids), renames, logprobs=bool(body.logprobs))
     apply_output_flags(params, body)
+    params.lora_name = lora_name
+    if body.stream and body.prompt_logprobs:  # vLLM's rule: no place for them in the chunks
+        raise APIError(
+            400, "`prompt_logprobs` are not available when `stream=True`.", field="prompt_logprobs"
+        )
     if not body.stream:  # vLLM's prompt_logprobs, in the JSON answer
         params.prompt_logprobs = body.prompt_logprobs
     request_id = getattr(request.state, "request_id", "-")
     ctx = RequestContext(request.url.path, request_id, body.user, text)
-    builder = ChatBuilder(state, body, ids, n)
+    builder = ChatBuilder(state, body, ids, n, lora_name)
     admit(state)
     if body.stream:
         return SSEResponse(builder.events(ctx, ids, params), cutoff=state.cutoff)

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
 
+from app.api.body_checks import OffLoopBodyRoute
 from app.api.errors import APIError
 from app.api.protocol.fewshot import (
     FEW_SHOT_EXAMPLE,
@@ -22,6 +23,7 @@ from app.api.protocol.fewshot import (
     FewShotTemplate,
 )
 from app.api.routes.generate import ERRORS, Prepared, build_response, context, tgi_events
+from app.api.routes.openai import select_adapter
 from app.api.serving import (
     admit,
     build_params,
@@ -33,7 +35,7 @@ from app.api.streaming import SSEResponse, guarded
 from app.prompts.encoding import PlainTextError, PromptText, encode_prompt, from_parts
 from app.state import ServerState, get_state
 
-router = APIRouter(tags=["few-shot"])
+router = APIRouter(tags=["few-shot"], route_class=OffLoopBodyRoute)
 
 DEFAULT_MAX_NEW_TOKENS = 64
 EXAMPLES = {
@@ -121,6 +123,7 @@ def prepare(state: ServerState, body: FewShotRequest) -> Prepared:
     if default_stops(body.template):
         options["stop_strings"] = stop_strings(options, body.template)
     params = build_params(state, options, len(ids), {"inputs": "prompt", **renames})
+    params.lora_name = select_adapter(state, body.parameters.adapter_id)
     admit(state)
     return Prepared(ids, prompt, params, body.parameters)
 

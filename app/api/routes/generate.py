@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
 
+from app.api.body_checks import OffLoopBodyRoute
 from app.api.errors import APIError
 from app.api.protocol.tgi import (
     BestOfSequence,
@@ -30,6 +31,7 @@ from app.api.protocol.tgi import (
     StreamResponse,
     Token,
 )
+from app.api.routes.openai import select_adapter
 from app.api.serving import (
     Completion,
     RequestContext,
@@ -50,7 +52,7 @@ from app.options.params import SamplingParams
 from app.options.routing import exact_outputs
 from app.state import ServerState, get_state
 
-router = APIRouter(tags=["text-generation (TGI)"])
+router = APIRouter(tags=["text-generation (TGI)"], route_class=OffLoopBodyRoute)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)
@@ -131,6 +133,7 @@ def prepare(state: ServerState, body: GenerateRequest, stream: bool = False) -> 
         state, options, len(prompt_ids), renames, exact_lane=not stream, logprobs=wanted
     )
     follow_tgi(params)
+    params.lora_name = select_adapter(state, body.parameters.adapter_id)
     if body.parameters.details and body.parameters.decoder_input_details and not stream:
         params.prompt_logprobs = 0  # details.prefill: each prompt token's log-prob (TGI)
     exact = exact_outputs(options)

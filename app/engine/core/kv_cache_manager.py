@@ -12,10 +12,17 @@ from collections.abc import Sequence
 from app.engine.core.block_pool import BlockPool, KVBlock
 
 
-def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
-    """Chained digest of a full block: equal hashes mean equal token prefixes."""
+def hash_block(parent_hash: bytes | None, token_ids: Sequence[int], cache_salt: int = 0) -> bytes:
+    """Chained digest of a full block: equal hashes mean equal token prefixes computed under
+    the same ``cache_salt`` (a namespace: 0 is the base model, a LoRA adapter has its own id).
+    The salt seeds the chain's first block only; every later hash chains from it."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(parent_hash or b"root")
+    if parent_hash is not None:
+        digest.update(parent_hash)
+    elif cache_salt:
+        digest.update(b"root:" + cache_salt.to_bytes(8, "little", signed=True))
+    else:
+        digest.update(b"root")
     digest.update(array("q", token_ids).tobytes())
     return digest.digest()
 
@@ -63,8 +70,8 @@ class KVCacheManager:
         return cdiv(num_tokens, self.block_size)
 
     # -- prefix cache --------------------------------------------------------------------
-    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[KVBlock]:
-        """Leading full blocks of `token_ids` already in the cache.
+    def find_cached_prefix(self, token_ids: Sequence[int], cache_salt: int = 0) -> list[KVBlock]:
+        """Leading full blocks of `token_ids` already in the cache under `cache_salt`.
 
         Capped so the last token is always computed: its logits are needed to sample.
         """
@@ -74,7 +81,8 @@ class KVCacheManager:
         hits: list[KVBlock] = []
         parent: bytes | None = None
         for i in range(max_blocks):
-            parent = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            tokens = token_ids[i * self.block_size : (i + 1) * self.block_size]
+            parent = hash_block(parent, tokens, cache_salt)
             block = self.pool.get_cached(parent)
             if block is None:
                 break
@@ -83,8 +91,11 @@ class KVCacheManager:
         self.prefix_hits += len(hits)
         return hits
 
-    def cache_full_blocks(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
-        """Register the sequence's newly full and computed blocks in the prefix cache."""
+    def cache_full_blocks(
+        self, seq_id: int, token_ids: Sequence[int], num_computed: int, cache_salt: int = 0
+    ) -> None:
+        """Register the sequence's newly full and computed blocks in the prefix cache, in
+        the `cache_salt` namespace (the one its prefix was looked up in)."""
         if not self.pool.enable_caching:
             return
         table = self._tables[seq_id]
@@ -92,7 +103,8 @@ class KVCacheManager:
         num_full = min(num_computed // self.block_size, len(table))
         parent = hashes[-1] if hashes else None
         for i in range(len(hashes), num_full):
-            parent = hash_block(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            tokens = token_ids[i * self.block_size : (i + 1) * self.block_size]
+            parent = hash_block(parent, tokens, cache_salt)
             hashes.append(parent)
             self.pool.cache_block(table[i], parent)
 

@@ -92,6 +92,11 @@ class Request:
     # set, the first sequence's prompt chunks ask for their logits and the prefix cache is
     # not looked up (a cached block has KV but no logits).
     prompt_logprobs: int | None = None
+    # The LoRA adapter its sequences run with (opaque to the scheduler: handed to the model
+    # runner on each ScheduledSeq; None: the base model) and the adapter's prefix-cache
+    # namespace (0: the base): KV computed under one adapter is never reused by another.
+    lora: Any = None
+    cache_salt: int = 0
 
     @property
     def live_seqs(self) -> list[Sequence]:

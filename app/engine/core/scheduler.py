@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.engine.core.block_pool import KVBlock
 from app.engine.core.kv_cache_manager import KVCacheManager
@@ -30,6 +31,7 @@ class ScheduledSeq:
     # alternatives each gets.
     prompt_targets: list[int] = field(default_factory=list)
     prompt_top_n: int = 0
+    lora: Any = None  # the request's LoRA adapter (Request.lora); None: the base model
 
     @property
     def all_logits(self) -> bool:
@@ -183,7 +185,10 @@ class Scheduler:
             # plus copy-on-write copies (docs/api.md, tests/benchmarks/prompt_logprobs.py).
             bypass = request.prompt_logprobs is not None
             hits = {
-                s.seq_id: [] if bypass else self.kv.find_cached_prefix(s.token_ids) for s in live
+                s.seq_id: []
+                if bypass
+                else self.kv.find_cached_prefix(s.token_ids, request.cache_salt)
+                for s in live
             }
             for seq in live:
                 seq.num_computed_tokens = len(hits[seq.seq_id]) * self.kv.block_size
@@ -215,7 +220,9 @@ class Scheduler:
             # Drafts are computed but not yet accepted: accept_drafts counts the ones that are.
             num_new = len(item.token_ids) - len(item.draft_token_ids)
             seq.num_computed_tokens = item.start_pos + num_new
-            self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            self.kv.cache_full_blocks(
+                seq.seq_id, seq.token_ids, seq.num_computed_tokens, request.cache_salt
+            )
 
     def accept_drafts(self, item: ScheduledSeq, num_accepted: int) -> None:
         """After verification (the accepted drafts and the next token are in token_ids): the
@@ -233,7 +240,10 @@ class Scheduler:
         seq.num_computed_tokens = item.start_pos + num_new + num_accepted
         if seq.num_computed_tokens >= len(seq.token_ids):
             raise ValueError("accepted drafts must be followed by the token chosen after them")
-        self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+        assert request is not None
+        self.kv.cache_full_blocks(
+            seq.seq_id, seq.token_ids, seq.num_computed_tokens, request.cache_salt
+        )
         self.kv.trim(seq.seq_id, len(seq.token_ids))
 
     def reserve_slots(self, seq: Sequence, num_tokens: int) -> list[tuple[int, int]] | None:
@@ -349,6 +359,7 @@ class Scheduler:
                     draft_token_ids=drafts,
                     prompt_targets=targets,
                     prompt_top_n=request.prompt_logprobs or 0,
+                    lora=request.lora,
                 )
             )
             used += n + len(drafts)

@@ -1,0 +1,54 @@
+"""Tiny random LoRA adapters made with peft for the embedded model (no hub): the tests of
+the LoRA wiring (conformance, engine, HTTP) share them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import GPT2LMHeadModel
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "kogpt2-mini"
+
+# name: (seed, rank, alpha, target modules); "c_proj" targets attn.c_proj and mlp.c_proj.
+ADAPTERS: dict[str, tuple[int, int, int, list[str]]] = {
+    "poem": (11, 4, 16, ["c_attn"]),
+    "chat": (12, 16, 64, ["c_attn", "c_proj", "c_fc"]),
+}
+
+
+def base_model(dtype: torch.dtype = torch.float64, path: Path | str = EMBEDDED) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel.from_pretrained(path, torch_dtype=dtype).eval()
+
+
+def make_adapter(
+    folder: Path,
+    seed: int,
+    rank: int,
+    alpha: int,
+    targets: list[str],
+    base: Path | str = EMBEDDED,
+) -> Path:
+    """A peft LoRA adapter of the checkpoint at ``base`` with random A and B
+    (init_lora_weights=False: B is not zero, so the adapter changes the output) saved to
+    ``folder``."""
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=targets,
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+    )
+    get_peft_model(base_model(path=base), config).save_pretrained(folder)
+    return folder
+
+
+def make_adapters(root: Path) -> dict[str, Path]:
+    return {name: make_adapter(root / name, *spec) for name, spec in ADAPTERS.items()}
+
+
+def merged_model(path: Path, dtype: torch.dtype = torch.float64) -> GPT2LMHeadModel:
+    """peft's merged model for the adapter at ``path`` (the reference output)."""
+    return PeftModel.from_pretrained(base_model(dtype), path).merge_and_unload().eval()
