@@ -29,6 +29,7 @@ def make_adapter(
     alpha: int,
     targets: list[str],
     base: Path | str = EMBEDDED,
+    use_rslora: bool = False,
 ) -> Path:
     """A peft LoRA adapter of the checkpoint at ``base`` with random A and B
     (init_lora_weights=False: B is not zero, so the adapter changes the output) saved to
@@ -40,6 +41,7 @@ def make_adapter(
         target_modules=targets,
         fan_in_fan_out=True,
         init_lora_weights=False,
+        use_rslora=use_rslora,
     )
     get_peft_model(base_model(path=base), config).save_pretrained(folder)
     return folder

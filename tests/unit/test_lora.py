@@ -23,8 +23,8 @@ from app.modeling.lora import (
     load_lora_adapter,
     plan_lora_rows,
 )
-
-EMBEDDED = Path(__file__).resolve().parents[2] / "models" / "kogpt2-mini"
+from tests import lora_helpers
+from tests.lora_helpers import EMBEDDED, base_model, merged_model
 
 ADAPTERS = {
     # name: (rank, alpha, target modules, rslora)
@@ -34,26 +34,10 @@ ADAPTERS = {
 }
 
 
-def base_model() -> GPT2LMHeadModel:
-    model = GPT2LMHeadModel.from_pretrained(EMBEDDED, torch_dtype=torch.float64)
-    return model.eval()
-
-
 def make_adapter(
     folder: Path, seed: int, rank: int, alpha: int, targets: list[str], rslora: bool
 ) -> Path:
-    torch.manual_seed(seed)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=targets,
-        fan_in_fan_out=True,
-        init_lora_weights=False,
-        use_rslora=rslora,
-    )
-    peft_model = get_peft_model(base_model(), config)
-    peft_model.save_pretrained(folder)
-    return folder
+    return lora_helpers.make_adapter(folder, seed, rank, alpha, targets, use_rslora=rslora)
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +56,6 @@ def loaded(adapter_dirs: dict[str, Path]) -> dict[str, LoRAAdapter]:
         name: load_lora_adapter(name, path, config).to("cpu", torch.float64)
         for name, path in adapter_dirs.items()
     }
-
-
-def merged_model(path: Path) -> GPT2LMHeadModel:
-    return PeftModel.from_pretrained(base_model(), path).merge_and_unload().eval()
 
 
 def test_loaded_shapes_ranks_and_scaling(loaded: dict[str, LoRAAdapter]) -> None:
