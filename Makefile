@@ -82,11 +82,13 @@ format: install
 
 # On a CUDA host (a few minutes on one H100): tests/gpu, then the decode-step benchmark
 # (Triton paged attention vs gather + SDPA, graphs replayed, bf16 and fp16, the 125M shape
-# with random weights) into docs/benchmarks/gpu_check.json. Without CUDA: the same script's
-# CPU dry run (tiny sizes, Triton's interpreter; `make test` runs it too), figures to a
-# temporary file. ARGS="--skip-tests", "--repeat 11", "--out PATH".
+# with random weights) into docs/benchmarks/gpu_check.json, then the engine benchmark at
+# 1/16/64/256 and the HTTP benchmark at 64 in bf16 into docs/benchmarks/gpu/. Without CUDA:
+# the same script's CPU dry run (tiny sizes, Triton's interpreter, the benchmarks at toy
+# sizes; `make test` runs it too), figures to a temporary folder.
+# ARGS="--skip-tests", "--skip-benchmarks", "--repeat 11", "--out PATH".
 .PHONY: gpu-check
-gpu-check: install
+gpu-check: random-base
 	$(PY) -m tests.gpu.gpu_check $(ARGS)
 
 # Opt-in, never in CI: random-weight KoGPT-2-base checkpoint, then the engine benchmark.

@@ -16,10 +16,18 @@ On a CUDA host:
    the gather/Triton ratio, the step over its matmuls, and the largest logit difference
    between the two attention paths (which fails the check past ``LOGIT_TOLERANCE``).
 
+3. The end-to-end benchmarks on the GPU in bfloat16 (``--skip-benchmarks`` leaves them out):
+   the engine benchmark against transformers (continuous batching ``generate_batch`` and a
+   static batch) at 1, 16, 64 and 256 concurrent, and the HTTP benchmark at 64 concurrent
+   (tests/benchmarks/engine.py and http_load.py with ``--device cuda --dtype bfloat16``) on
+   models/kogpt2-base-random (``make random-base``), writing their JSON and PNG under
+   docs/benchmarks/gpu/; their return codes and output tails go into the figures.
+
 Figures go to docs/benchmarks/gpu_check.json (or ``--out``) and a table is printed.
 
 Without CUDA, or with ``--dry-run``: the same code at tiny sizes on CPU, eagerly (nothing is
-captured), the Triton kernel through Triton's interpreter, one timed round, no tests/gpu.
+captured), the Triton kernel through Triton's interpreter, one timed round, no tests/gpu, and
+the end-to-end benchmarks' same command lines on the CPU at toy sizes on the embedded model.
 Its figures go to ``--out`` (default: a temporary file), never to docs/: CPU timings of an
 interpreted kernel mean nothing. tests/unit/test_gpu_check.py runs it in ``make test`` so
 that this script cannot rot between GPU runs.
@@ -215,6 +223,47 @@ def run_gpu_tests() -> dict[str, object]:
     }
 
 
+# Engine benchmark rows that cannot or need not run on a GPU: CTranslate2 and int8 (CPU only),
+# batch-invariant mode (float32 CPU only), the CPU kernel and matmul variants, and the
+# sequential generate baseline (minutes; continuous batching is the comparison).
+GPU_SKIP = "ct2,sequential,int8,no-native,aten,batch-invariant"
+
+
+def benchmark_commands(dry_run: bool, out_dir: Path) -> dict[str, list[str]]:
+    """The engine and HTTP benchmarks' command lines: the GPU run's, or (dry run) the same
+    scripts on the CPU at toy sizes, so that a GPU run finds them working."""
+    engine = [sys.executable, "-m", "tests.benchmarks.engine", "--out", str(out_dir)]
+    http = [sys.executable, "-m", "tests.benchmarks.http_load", "--out", str(out_dir)]
+    if dry_run:
+        toy = ["--model", str(ROOT / "models" / "kogpt2-mini"), "--device", "cpu"]
+        engine += [*toy, "--concurrency", "2", "--new-tokens", "2", "--rounds", "1"]
+        engine += ["--skip", GPU_SKIP]
+        http += [*toy, "--concurrency", "2", "--min-requests", "2"]
+        http += ["--prompt-tokens", "4,8", "--new-tokens", "2,4"]
+    else:
+        gpu = ["--model", str(ROOT / "models" / "kogpt2-base-random"), "--device", "cuda"]
+        gpu += ["--dtype", "bfloat16"]
+        engine += [*gpu, "--concurrency", "1,16,64,256", "--skip", GPU_SKIP]
+        http += [*gpu, "--concurrency", "64"]
+    return {"engine": engine, "http": http}
+
+
+def run_benchmarks(dry_run: bool, out_dir: Path) -> dict[str, object]:
+    """Each benchmark in a subprocess: its return code, time and output tail."""
+    runs: dict[str, object] = {}
+    for name, cmd in benchmark_commands(dry_run, out_dir).items():
+        started = time.monotonic()
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        print(result.stdout[-3000:], result.stderr[-2000:], sep="\n", flush=True)
+        runs[name] = {
+            "command": " ".join(cmd[1:]),
+            "returncode": result.returncode,
+            "seconds": round(time.monotonic() - started, 1),
+            "tail": result.stdout.splitlines()[-12:],
+        }
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -224,6 +273,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--skip-tests", action="store_true", help="no tests/gpu run")
     parser.add_argument("--repeat", type=int, default=7, help="timed rounds per case")
+    parser.add_argument(
+        "--skip-benchmarks", action="store_true", help="no engine / HTTP benchmark run"
+    )
     args = parser.parse_args()
     dry_run = args.dry_run or not torch.cuda.is_available()
     device = torch.device("cpu") if dry_run else torch.device("cuda", torch.cuda.current_device())
@@ -278,6 +330,10 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report["decode_step"] = [asdict(f) for f in figures]
+    if not args.skip_benchmarks:
+        bench_dir = out.parent / "benchmarks" if dry_run else ROOT / "docs" / "benchmarks" / "gpu"
+        report["benchmarks"] = runs = run_benchmarks(dry_run, bench_dir)
+        failed |= any(run["returncode"] != 0 for run in runs.values())  # type: ignore[index]
     report["passed"] = not failed
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

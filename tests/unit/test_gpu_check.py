@@ -1,6 +1,7 @@
 """`make gpu-check`'s script in its CPU dry run (tests/gpu/gpu_check.py), so that it cannot
 rot between GPU runs: the decode step with the Triton kernel (interpreted) and with gather +
-SDPA at tiny sizes in bfloat16 and float16, their logits compared, figures written."""
+SDPA at tiny sizes in bfloat16 and float16, their logits compared, figures written; the
+engine and HTTP benchmarks through the command lines the GPU run uses, at toy sizes."""
 
 from __future__ import annotations
 
@@ -38,3 +39,9 @@ def test_gpu_check_dry_run_writes_its_figures(tmp_path: Path) -> None:
         # The two attention paths agree (the script fails past its own, looser bound).
         assert row["max_logit_diff"] < (0.02 if row["dtype"] == "bfloat16" else 0.003), row
         assert row["gather_bucket_blocks"] * report["block_size"] >= row["max_context"]
+    # The engine and HTTP benchmarks' GPU command lines, run at toy sizes on the CPU.
+    runs = report["benchmarks"]
+    assert {name: run["returncode"] for name, run in runs.items()} == {"engine": 0, "http": 0}
+    assert "--device cpu" in runs["engine"]["command"]
+    for written in ("engine_cpu.json", "http_e2e.json"):
+        assert json.loads((tmp_path / "benchmarks" / written).read_text(encoding="utf-8"))
