@@ -77,6 +77,26 @@ def written_slots(seqs: list[SeqChunk]) -> list[int]:
     return [s.block_table[s.start_pos // BLOCK] * BLOCK + s.start_pos % BLOCK for s in seqs]
 
 
+def assert_only_new_slots_written(
+    seqs: list[SeqChunk], before: KVCache, eager_kv: KVCache, padded_kv: KVCache
+) -> None:
+    """The padded step changed only the new tokens' slots and the scratch block, and those
+    slots hold the same K/V as the varlen forward (``eager_kv``) wrote."""
+    slots = torch.tensor(written_slots(seqs))
+    scratch = slice(SCRATCH * BLOCK, (SCRATCH + 1) * BLOCK)
+    for new, old, ref in zip(
+        (*padded_kv.keys, *padded_kv.values),
+        (*before.keys, *before.values),
+        (*eager_kv.keys, *eager_kv.values),
+        strict=True,
+    ):
+        assert (new[slots] - ref[slots]).abs().max().item() < 1e-12
+        untouched = torch.ones(new.shape[0], dtype=torch.bool)
+        untouched[slots] = False
+        untouched[scratch] = False
+        assert torch.equal(new[untouched], old[untouched])
+
+
 def test_ladders() -> None:
     assert batch_ladder(256) == [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256]
     assert batch_ladder(5) == [1, 2, 4, 5]
@@ -107,19 +127,7 @@ def test_padded_decode_equals_varlen_forward(
 
     # Only the new tokens' slots and the scratch block changed; those slots hold the same
     # K/V as the varlen forward wrote.
-    slots = torch.tensor(written_slots(seqs))
-    scratch = slice(SCRATCH * BLOCK, (SCRATCH + 1) * BLOCK)
-    for new, old, ref in zip(
-        (*padded_kv.keys, *padded_kv.values),
-        (*before.keys, *before.values),
-        (*eager_kv.keys, *eager_kv.values),
-        strict=True,
-    ):
-        assert (new[slots] - ref[slots]).abs().max().item() < 1e-12
-        untouched = torch.ones(new.shape[0], dtype=torch.bool)
-        untouched[slots] = False
-        untouched[scratch] = False
-        assert torch.equal(new[untouched], old[untouched])
+    assert_only_new_slots_written(seqs, before, eager_kv, padded_kv)
 
 
 def test_padding_rows_write_only_the_scratch_block(model: GPT2LMHeadModel) -> None:
@@ -243,19 +251,7 @@ def test_paged_decode_with_the_triton_kernel_equals_the_torch_forward(
     got = graphs.run(shape, graphs.prepare(seqs, shape))
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-12
-    slots = torch.tensor(written_slots(seqs))
-    scratch = slice(SCRATCH * BLOCK, (SCRATCH + 1) * BLOCK)
-    for new, old, ref in zip(
-        (*padded_kv.keys, *padded_kv.values),
-        (*before.keys, *before.values),
-        (*eager_kv.keys, *eager_kv.values),
-        strict=True,
-    ):
-        assert (new[slots] - ref[slots]).abs().max().item() < 1e-12
-        untouched = torch.ones(new.shape[0], dtype=torch.bool)
-        untouched[slots] = False
-        untouched[scratch] = False
-        assert torch.equal(new[untouched], old[untouched])
+    assert_only_new_slots_written(seqs, before, eager_kv, padded_kv)
 
 
 @pytest.mark.usefixtures("triton_decode")
