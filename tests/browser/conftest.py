@@ -1,4 +1,5 @@
-"""Headless Chromium driven by selenium, against a live server behind an API key.
+"""Headless Chromium driven by selenium, against live servers behind an API key: one with the
+model alone, one that also serves LoRA adapters (tests/lora_helpers' tiny peft adapters).
 
 Skipped, with the reason, where selenium, Chromium or chromedriver is missing (`make test`
 installs them where it can: see the Makefile's `browser` target).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from pydantic import SecretStr
 
 from app.config import Settings
 from tests.integration.conftest import LiveServer, start_server, stop_server
+from tests.lora_helpers import make_adapters
 
 API_KEY = "browser-test-key"
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -34,6 +37,26 @@ def find_browser() -> tuple[str | None, str | None]:
 @pytest.fixture(scope="module")
 def keyed_live() -> Iterator[LiveServer]:
     live = start_server(Settings(api_key=SecretStr(API_KEY), num_kv_blocks=256, max_num_seqs=16))
+    try:
+        yield live
+    finally:
+        stop_server(live)
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_adapters(tmp_path_factory.mktemp("playground-lora"))
+
+
+@pytest.fixture(scope="module")
+def lora_live(adapter_dirs: dict[str, Path]) -> Iterator[LiveServer]:
+    """The same key, and the adapters served under their names (--lora-modules)."""
+    modules = " ".join(f"{name}={path}" for name, path in adapter_dirs.items())
+    live = start_server(
+        Settings(
+            api_key=SecretStr(API_KEY), num_kv_blocks=256, max_num_seqs=16, lora_modules=modules
+        )
+    )
     try:
         yield live
     finally:

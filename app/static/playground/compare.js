@@ -1,7 +1,9 @@
 // Compare: 2-4 configurations on the same prompt at once, streamed side by side. Each column
-// has a preset (its strategy plus the form's max_new_tokens, seed and stop) whose options
-// are shown as editable JSON; editing the JSON makes the column "custom".
+// has a model or LoRA adapter and a preset (its strategy plus the form's max_new_tokens, seed
+// and stop) whose options are shown as editable JSON; editing the JSON makes the column
+// "custom". Same preset, another model: a fine-tune against its base, same options and seed.
 
+import { ModelPicker } from "./models.js";
 import { FieldError } from "./schema_form.js";
 import { PRESETS, presetById, withPreset } from "./presets.js";
 import { OutputColumn, generateRequest } from "./stream.js";
@@ -12,8 +14,9 @@ export const MAX_COLUMNS = 4;
 const CUSTOM = "custom";
 
 class CompareColumn {
-  constructor(parent, presetId, formParams) {
+  constructor(parent, presetId, formParams, catalog) {
     this.column = new OutputColumn(parent);
+    this.model = new ModelPicker(catalog, { className: "column-model" });
     this.select = document.createElement("select");
     this.select.className = "column-preset";
     for (const preset of PRESETS) this.select.append(new Option(preset.label, preset.id));
@@ -23,7 +26,7 @@ class CompareColumn {
     this.params.className = "column-params";
     this.params.rows = 4;
     this.params.spellcheck = false;
-    this.column.head.append(this.select);
+    this.column.head.append(this.select, this.model.element); // the model: a row of its own
     this.column.element.insertBefore(this.params, this.column.output);
     this.select.addEventListener("change", () => this.refresh(formParams()));
     this.params.addEventListener("input", () => {
@@ -40,7 +43,8 @@ class CompareColumn {
   }
 
   get title() {
-    return this.select.selectedOptions[0]?.textContent ?? "";
+    const preset = this.select.selectedOptions[0]?.textContent ?? "";
+    return this.model.choice ? `${preset} · ${this.model.choice}` : preset;
   }
 
   // Regenerate the JSON from the preset and the form (custom columns keep theirs).
@@ -52,13 +56,14 @@ class CompareColumn {
     this.params.classList.remove("invalid");
   }
 
+  // The column's options with its model or adapter (adapter_id unless the default).
   parameters() {
     try {
       const value = JSON.parse(this.params.value || "{}");
       if (value === null || typeof value !== "object" || Array.isArray(value)) {
         throw new Error("not an object");
       }
-      return value;
+      return this.model.withModel(value);
     } catch {
       this.params.classList.add("invalid");
       throw new FieldError(`column #${this.index + 1}`, "the options must be a JSON object");
@@ -71,9 +76,11 @@ class CompareColumn {
 }
 
 export class Compare {
-  // `formParams()` returns the form's current options (it throws on an invalid field).
-  constructor(container, formParams) {
+  // `formParams()` returns the form's current options (it throws on an invalid field);
+  // `catalog` the models and adapters each column's picker offers.
+  constructor(container, formParams, catalog) {
     this.container = container;
+    this.catalog = catalog;
     this.formParams = () => {
       try {
         return formParams();
@@ -90,7 +97,7 @@ export class Compare {
     if (this.columns.length >= MAX_COLUMNS) return;
     const used = new Set(this.columns.map((c) => c.select.value));
     const id = presetId ?? PRESETS.find((p) => !used.has(p.id))?.id ?? PRESETS[0].id;
-    const column = new CompareColumn(this.container, id, this.formParams);
+    const column = new CompareColumn(this.container, id, this.formParams, this.catalog);
     this.columns.push(column);
     this.renumber();
   }

@@ -1,10 +1,11 @@
-// The playground page: wires the options form, presets, the three tabs (generate, compare,
-// few-shot), the run / stop buttons, copy-as and the API key.
+// The playground page: wires the options form, presets, the model / adapter picker, the three
+// tabs (generate, compare, few-shot), the run / stop buttons, copy-as and the API key.
 
 import { getJSON, getKey, setKey } from "./api.js";
 import { Compare } from "./compare.js";
 import { copyText, curlCommands, pythonScript } from "./copy_as.js";
 import { FewShotBuilder } from "./fewshot.js";
+import { ModelCatalog, ModelPicker } from "./models.js";
 import { PRESETS, withPreset } from "./presets.js";
 import { OptionsForm, loadSchemas } from "./schema_form.js";
 import { OutputColumn, generateRequest, runInto } from "./stream.js";
@@ -13,6 +14,8 @@ const $ = (id) => document.getElementById(id);
 const STARTING_OPTIONS = { max_new_tokens: 40 };
 
 const page = { tab: "generate", abort: null };
+// GET /v1/models needs the key where the server has one: read again once it is given.
+const catalog = new ModelCatalog();
 
 function status(text) {
   $("status").textContent = text;
@@ -23,6 +26,7 @@ async function showModel() {
     const info = await getJSON("/info");
     $("model-info").textContent = `${info.model_id} · ${info.device} · ${info.dtype}`;
     $("key-status").textContent = getKey() ? "key accepted" : "";
+    await catalog.load();
   } catch (error) {
     $("model-info").textContent = "";
     $("key-status").textContent = error.status === 401 ? "the server needs an API key" : error.message;
@@ -55,6 +59,7 @@ function selectTab(tab) {
   }
   $("prompt-box").hidden = tab === "fewshot";
   $("copy-out").hidden = true;
+  catalog.load(); // adapters may have been loaded or unloaded since
 }
 
 function setupPresets(form) {
@@ -85,12 +90,14 @@ function setupPresets(form) {
   });
 }
 
-// The requests the active tab would send now (each with a title for copy-as).
-function currentRequests(form, compare, fewShot) {
+// The requests the active tab would send now (each with a title for copy-as). Generate and
+// few-shot run on the toolbar's model or adapter (compare columns each have their own).
+function currentRequests(form, compare, fewShot, picker) {
   const prompt = $("prompt").value;
   if (page.tab === "compare") return compare.requests(prompt);
-  if (page.tab === "fewshot") return [{ title: "", request: fewShot.request() }];
-  return [{ title: "", request: generateRequest(prompt, form.values()) }];
+  const title = picker.choice ? `model: ${picker.choice}` : "";
+  if (page.tab === "fewshot") return [{ title, request: fewShot.request() }];
+  return [{ title, request: generateRequest(prompt, picker.withModel(form.values())) }];
 }
 
 function setRunning(abort) {
@@ -100,10 +107,10 @@ function setRunning(abort) {
   document.body.dataset.running = String(Boolean(abort));
 }
 
-async function run(form, compare, fewShot, outputs) {
+async function run(form, compare, fewShot, picker, outputs) {
   let jobs;
   try {
-    jobs = currentRequests(form, compare, fewShot);
+    jobs = currentRequests(form, compare, fewShot, picker);
   } catch (error) {
     status(error.message);
     return;
@@ -123,10 +130,10 @@ async function run(form, compare, fewShot, outputs) {
   }
 }
 
-async function copyAs(kind, form, compare, fewShot) {
+async function copyAs(kind, form, compare, fewShot, picker) {
   let jobs;
   try {
-    jobs = currentRequests(form, compare, fewShot);
+    jobs = currentRequests(form, compare, fewShot, picker);
   } catch (error) {
     status(error.message);
     return;
@@ -157,7 +164,10 @@ async function main() {
   const form = new OptionsForm($("options-form"), schemas.GenerateParameters);
   form.setValues(STARTING_OPTIONS);
   setupPresets(form);
-  const compare = new Compare($("compare-columns"), () => form.values());
+  const picker = new ModelPicker(catalog, { frame: $("model-choice") });
+  picker.select.id = "model-picker";
+  $("model-choice").append(picker.select);
+  const compare = new Compare($("compare-columns"), () => form.values(), catalog);
   const fewShot = new FewShotBuilder(
     {
       root: $("tab-fewshot"),
@@ -170,7 +180,7 @@ async function main() {
       promptInfo: $("fs-prompt-info"),
     },
     schemas,
-    () => form.values(),
+    () => picker.withModel(form.values()),
   );
   const outputs = {
     generate: new OutputColumn($("generate-output"), "Output"),
@@ -181,12 +191,14 @@ async function main() {
     fewShot.schedulePreview();
   });
   $("key-form").addEventListener("submit", () => fewShot.schedulePreview());
+  picker.onChange(() => fewShot.schedulePreview());
   $("add-column").addEventListener("click", () => compare.add());
   $("remove-column").addEventListener("click", () => compare.removeLast());
-  $("run").addEventListener("click", () => run(form, compare, fewShot, outputs));
+  $("run").addEventListener("click", () => run(form, compare, fewShot, picker, outputs));
   $("stop").addEventListener("click", () => page.abort?.abort());
-  $("copy-curl").addEventListener("click", () => copyAs("curl", form, compare, fewShot));
-  $("copy-python").addEventListener("click", () => copyAs("python", form, compare, fewShot));
+  for (const kind of ["curl", "python"]) {
+    $(`copy-${kind}`).addEventListener("click", () => copyAs(kind, form, compare, fewShot, picker));
+  }
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("run").click();
   });

@@ -10,6 +10,9 @@ export const COMMON_OPTIONS = [
   "repetition_penalty", "no_repeat_ngram_size", "seed", "stop",
 ];
 
+// Options the page sets elsewhere, not in the form: the model / adapter picker's adapter_id.
+export const PICKED_OPTIONS = ["adapter_id"];
+
 export async function loadSchemas() {
   const spec = await getJSON("/openapi.json");
   return spec.components.schemas;
@@ -175,12 +178,12 @@ class Field {
 
 // All options of one schema: the common ones in a grid, the rest folded.
 export class OptionsForm {
-  constructor(container, schema, common = COMMON_OPTIONS) {
+  constructor(container, schema, common = COMMON_OPTIONS, picked = PICKED_OPTIONS) {
     this.fields = new Map();
     this.listeners = [];
     const properties = schema.properties;
-    const names = Object.keys(properties);
-    const upFront = common.filter((name) => name in properties);
+    const names = Object.keys(properties).filter((name) => !picked.includes(name));
+    const upFront = common.filter((name) => names.includes(name));
     const folded = names.filter((name) => !upFront.includes(name)).sort();
     const grid = document.createElement("div");
     grid.className = "fields";
