@@ -28,6 +28,11 @@ def _arg_type(annotation: Any) -> tuple[Any, list[str] | None, bool]:
     return str, None, False
 
 
+def _extra(field: Any, key: str) -> bool:
+    """A flag shape set in the field's json_schema_extra (nargs, repeat)."""
+    return isinstance(field.json_schema_extra, dict) and bool(field.json_schema_extra.get(key))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kogpt-serve",
@@ -43,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
-        elif isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("nargs"):
+        elif _extra(field, "repeat"):
+            # The flag given several times (--model a=p --model b=q): joined by commas.
+            parser.add_argument(flag, dest=name, action="append", default=None, help=help_text)
+        elif _extra(field, "nargs"):
             # Several values after the flag (vLLM's --lora-modules a=p b=p): joined by spaces.
             parser.add_argument(flag, dest=name, nargs="+", default=None, help=help_text)
         else:
@@ -55,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     namespace = build_parser().parse_args(argv)
+    fields = Settings.model_fields
     overrides = {
-        k: " ".join(v) if isinstance(v, list) else v
+        k: ("," if _extra(fields[k], "repeat") else " ").join(v) if isinstance(v, list) else v
         for k, v in vars(namespace).items()
         if v is not None
     }

@@ -6,6 +6,8 @@ the environment and the README table cannot drift apart.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -19,17 +21,82 @@ def default_model_path() -> str:
     return str(DEFAULT_MODEL_DIR)
 
 
-def parse_lora_modules(value: str | None) -> dict[str, str]:
-    """``NAME=PATH`` entries separated by spaces or commas -> {name: path} (ValueError naming
-    the entry that is malformed or repeats a name)."""
-    modules: dict[str, str] = {}
-    for entry in (value or "").replace(",", " ").split():
+@dataclass(frozen=True)
+class ModelSpec:
+    """One --model entry: the name the API selects it by and its checkpoint."""
+
+    name: str
+    path: str
+    named: bool  # given as NAME=PATH (a bare path is named after its directory)
+
+
+def parse_model_specs(value: str) -> list[ModelSpec]:
+    """--model entries (the flag repeated, or a comma list in KOGPT_MODEL): ``NAME=PATH`` or
+    a bare path (or hub id), named after its last path part. ValueError naming the entry that
+    is malformed or whose name repeats."""
+    specs: list[ModelSpec] = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            raise ValueError(f"model: an empty entry in {value!r}")
         name, sep, path = entry.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"lora_modules: {entry!r} is not NAME=PATH")
+        if sep and not Path(entry).exists():  # NAME=PATH (a path may hold "=" itself)
+            if not name or not path:
+                raise ValueError(f"model: {entry!r} is neither NAME=PATH nor a path")
+            spec = ModelSpec(name, path, True)
+        else:
+            spec = ModelSpec(Path(entry).name or entry, entry, False)
+        if any(s.name == spec.name for s in specs):
+            raise ValueError(f"model: two models are named {spec.name!r}; name them with NAME=PATH")
+        specs.append(spec)
+    return specs
+
+
+@dataclass(frozen=True)
+class LoRAModule:
+    path: str
+    base_model_name: str | None = None  # the served model it adapts (None: the default)
+
+
+def parse_lora_modules(value: str | None) -> dict[str, LoRAModule]:
+    """vLLM's --lora-modules entries, separated by spaces or commas: ``NAME=PATH`` or a JSON
+    object ``{"name": ..., "path": ..., "base_model_name": ...}`` -> {name: module}
+    (ValueError naming the entry that is malformed or repeats a name)."""
+    modules: dict[str, LoRAModule] = {}
+    text, pos, decoder = value or "", 0, json.JSONDecoder()
+    while pos < len(text):
+        if text[pos] in " ,\t\n":
+            pos += 1
+            continue
+        if text[pos] == "{":
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                at = text[pos : pos + 40]
+                raise ValueError(f"lora_modules: bad JSON entry at {at!r}: {exc}") from None
+            keys = {"name", "path", "base_model_name"}
+            if not isinstance(obj, dict) or not {"name", "path"} <= set(obj) or set(obj) - keys:
+                raise ValueError(
+                    f"lora_modules: {obj!r} needs exactly `name`, `path` and optionally "
+                    "`base_model_name`"
+                )
+            name, module = (
+                str(obj["name"]),
+                LoRAModule(str(obj["path"]), obj.get("base_model_name")),
+            )
+        else:
+            end = pos
+            while end < len(text) and text[end] not in " ,\t\n":
+                end += 1
+            entry, pos = text[pos:end], end
+            name, sep, path = entry.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules: {entry!r} is not NAME=PATH")
+            module = LoRAModule(path)
+        if not name or not module.path:
+            raise ValueError(f"lora_modules: an entry has an empty name or path: {name!r}")
         if name in modules:
             raise ValueError(f"lora_modules: the name {name!r} is given twice")
-        modules[name] = path
+        modules[name] = module
     return modules
 
 
@@ -38,7 +105,12 @@ class Settings(BaseSettings):
 
     model: str = Field(
         default_factory=default_model_path,
-        description="Checkpoint directory or hub id (default: the embedded model in models/).",
+        description="Checkpoint directory or hub id (default: the embedded model in models/). "
+        "Several full models: repeat the flag as NAME=PATH (a comma list in the env var); the "
+        "first is the default, requests select one by name (/v1 `model`, TGI "
+        "`parameters.adapter_id`). They must share the tokenizer and n_positions; their "
+        "requests share the KV block pool and run in the same steps.",
+        json_schema_extra={"repeat": True},
     )
     draft_model: str | None = Field(
         default=None,
@@ -59,9 +131,10 @@ class Settings(BaseSettings):
     lora_modules: str | None = Field(
         default=None,
         description="LoRA adapters (peft format) loaded at start, as NAME=PATH entries (several "
-        "after the flag, or separated by spaces or commas in the env var); a request selects "
-        "one by name (/v1 `model`, TGI `parameters.adapter_id`). A bad path or an adapter "
-        "that does not fit the model fails the start-up, naming the adapter.",
+        "after the flag, or separated by spaces or commas in the env var) for the default "
+        'model, or vLLM\'s JSON {"name", "path", "base_model_name"} for another served '
+        "model; a request selects one by name (/v1 `model`, TGI `parameters.adapter_id`). A bad "
+        "path or an adapter that does not fit its model fails the start-up, naming the adapter.",
         json_schema_extra={"nargs": "+"},
     )
     max_loras: int = Field(
@@ -263,16 +336,31 @@ class Settings(BaseSettings):
     )
 
     @property
-    def served_model_names(self) -> list[str]:
-        """The API's model names: --served-model-name's aliases, else the checkpoint's directory
-        name; the first is the reported one."""
-        names = [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
-        return names or [Path(self.model).name or self.model]
+    def model_specs(self) -> list[ModelSpec]:
+        """--model's entries, the default model first."""
+        return parse_model_specs(self.model)
 
     @property
-    def lora_module_paths(self) -> dict[str, str]:
-        """--lora-modules as name -> path, in the order given."""
+    def served_model_names(self) -> list[str]:
+        """The default model's API names: --served-model-name's aliases, else its name (NAME=
+        or the checkpoint's directory name); the first is the reported one. A NAME= name is
+        kept as an alias after --served-model-name's."""
+        first = self.model_specs[0]
+        names = [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
+        if first.named and first.name not in names:
+            names.append(first.name)
+        return names or [first.name]
+
+    @property
+    def lora_module_paths(self) -> dict[str, LoRAModule]:
+        """--lora-modules as name -> module (path, base model), in the order given."""
         return parse_lora_modules(self.lora_modules)
+
+    @field_validator("model")
+    @classmethod
+    def _model_specs_parse(cls, value: str) -> str:
+        parse_model_specs(value)  # fail at start on a malformed entry or a repeated name
+        return value
 
     @field_validator("lora_modules")
     @classmethod

@@ -35,6 +35,7 @@ from app.api.routes import (
     chat,
     fewshot,
     generate,
+    lora,
     openai,
     playground,
     watermark,
@@ -218,6 +219,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     app.include_router(admin.router)
     app.include_router(generate.router)
     app.include_router(openai.router)
+    app.include_router(lora.router)
     app.include_router(fewshot.router)
     app.include_router(playground.router)
     app.include_router(chat.router)

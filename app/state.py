@@ -29,15 +29,43 @@ from app.modeling.loader import LoadedModel, load_model
 logger = logging.getLogger("kogpt.server")
 
 
+class ModelSetError(ValueError):
+    """The --model entries cannot be served together (the message says which and why)."""
+
+
+@dataclass
+class ServedModel:
+    """One full model of the server (--model): the names requests select it by (the first
+    is the reported one) and what was loaded; `engine_name` is how the engine knows it
+    (None: the default, the first)."""
+
+    names: list[str]
+    path: str
+    loaded: LoadedModel
+    engine_name: str | None
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def config(self) -> Any:
+        return self.loaded.config
+
+    def generation_defaults(self) -> dict[str, Any]:
+        return self.loaded.generation_config.to_dict()
+
+
 @dataclass
 class ServerState:
     settings: Settings
-    loaded: LoadedModel
+    loaded: LoadedModel  # the default model's (models[0].loaded)
     engine: AsyncEngine
-    model_name: str
+    model_name: str  # the default model's reported name
     max_input_tokens: int
     max_total_tokens: int
     kv_sizing: KVSizing | None = None
+    models: list[ServedModel] = field(default_factory=list)  # the default first
     started_at: float = field(default_factory=time.time)
     ready: bool = False
     metrics: Any = None  # app.metrics.ServerMetrics, created by the app's lifespan
@@ -48,6 +76,14 @@ class ServerState:
     # Sequences each HTTP request has in the engine (serving.RequestShares, created on first
     # use; --max-request-share).
     request_shares: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.models:  # one model: the state's own (a state built without the list)
+            names = [self.model_name, *self.settings.served_model_names]
+            unique = list(dict.fromkeys(names))
+            self.models = [
+                ServedModel(unique, self.settings.model_specs[0].path, self.loaded, None)
+            ]
 
     @property
     def tokenizer(self) -> Any:
@@ -60,17 +96,25 @@ class ServerState:
     def generation_defaults(self) -> dict[str, Any]:
         return self.loaded.generation_config.to_dict()
 
+    def model_named(self, name: str | None) -> ServedModel:
+        """The full model an engine name (SamplingParams.model_name) means; None: default."""
+        return next((m for m in self.models if m.engine_name == name), self.models[0])
+
 
 def build_state(settings: Settings) -> ServerState:
     started = time.monotonic()
     logger.info("generate semantics of transformers %s", MATCHED_TRANSFORMERS)
     if mismatch := transformers_mismatch():
         logger.warning("%s", mismatch)
-    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    models = load_models(settings)
+    loaded = models[0].loaded
     config = loaded.config
     draft = load_draft_model(settings, loaded)  # first: its weights and KV are in the sizing
     sizing = resolve_kv_sizing(
-        settings, PagedGPT2.from_hf(loaded.model), draft_config=draft.config if draft else None
+        settings,
+        PagedGPT2.from_hf(loaded.model),
+        draft_config=draft.config if draft else None,
+        more_models=[PagedGPT2.from_hf(m.loaded.model) for m in models[1:]],
     )
     num_blocks = sizing.num_blocks
     try:
@@ -93,6 +137,8 @@ def build_state(settings: Settings) -> ServerState:
                 max_lora_rank=settings.max_lora_rank,
             ),
             draft_model=draft.model if draft else None,
+            more_models={m.name: m.loaded.model for m in models[1:]},
+            model_name=models[0].name,
         )
     except torch.OutOfMemoryError as exc:
         raise KVSizingError(
@@ -105,17 +151,49 @@ def build_state(settings: Settings) -> ServerState:
     n_positions = int(config.n_positions)
     max_total = min(settings.max_total_tokens or n_positions, n_positions)
     max_input = min(settings.max_input_tokens or max_total - 1, max_total - 1)
-    name = settings.served_model_names[0]
+    name = models[0].name
     logger.info(
         "loaded %s on %s (%s) in %.1fs; %s, %d tokens per block",
-        name,
+        ", ".join(m.name for m in models),
         loaded.device,
         loaded.dtype,
         time.monotonic() - started,
         sizing.describe(),
         settings.block_size,
     )
-    return ServerState(settings, loaded, async_engine, name, max_input, max_total, sizing)
+    return ServerState(settings, loaded, async_engine, name, max_input, max_total, sizing, models)
+
+
+def load_models(settings: Settings) -> list[ServedModel]:
+    """--model's entries, loaded on one device in one dtype. They share the engine's block
+    pool, steps and sampler, so every model must have the default's tokenizer (ids mean the
+    same), vocab_size and n_positions (the server's limits); layers and width may differ (a
+    model of another KV layout gets its own KV tensors over the same block ids)."""
+    specs = settings.model_specs
+    first = load_model(specs[0].path, device=settings.device, dtype=settings.dtype)
+    models = [ServedModel(settings.served_model_names, specs[0].path, first, None)]
+    for spec in specs[1:]:
+        if spec.name in models[0].names:
+            raise ModelSetError(f"--model {spec.name}: the default model already has that name")
+        loaded = load_model(spec.path, device=str(first.device), dtype=settings.dtype)
+        if loaded.dtype != first.dtype:
+            loaded.model.to(first.dtype)
+            loaded.dtype = first.dtype
+        if loaded.tokenizer.get_vocab() != first.tokenizer.get_vocab():
+            raise ModelSetError(
+                f"--model {spec.name}={spec.path}: its tokenizer differs from the default "
+                f"model's ({specs[0].path}); models served together must share the tokenizer "
+                "(fine-tunes of one base). Serve it from another server."
+            )
+        for key in ("vocab_size", "n_positions"):
+            mine, theirs = getattr(loaded.config, key), getattr(first.config, key)
+            if mine != theirs:
+                raise ModelSetError(
+                    f"--model {spec.name}={spec.path}: {key} is {mine}, the default model's is "
+                    f"{theirs}; models served together must have the same {key}"
+                )
+        models.append(ServedModel([spec.name], spec.path, loaded, spec.name))
+    return models
 
 
 class LoRAStartupError(RuntimeError):
@@ -124,13 +202,13 @@ class LoRAStartupError(RuntimeError):
 
 def load_lora_modules(settings: Settings, engine: LLMEngine) -> None:
     """--lora-modules: every adapter loaded now; the first that fails stops the start-up."""
-    engine.lora.reserved_names = frozenset(settings.served_model_names)
-    for name, path in settings.lora_module_paths.items():
+    engine.lora.reserved_names |= frozenset(settings.served_model_names)
+    for name, module in settings.lora_module_paths.items():
         try:
-            adapter = engine.lora.load(name, path)
+            adapter = engine.lora.load(name, module.path, module.base_model_name)
         except (LoRALoadError, LoRANameError, LoRALimitError) as exc:
-            raise LoRAStartupError(f"--lora-modules {name}={path}: {exc}") from exc
-        logger.info("LoRA adapter %s (rank %d) loaded from %s", name, adapter.rank, path)
+            raise LoRAStartupError(f"--lora-modules {name}={module.path}: {exc}") from exc
+        logger.info("LoRA adapter %s (rank %d) loaded from %s", name, adapter.rank, module.path)
 
 
 def load_draft_model(settings: Settings, loaded: LoadedModel) -> LoadedModel | None:
@@ -157,7 +235,11 @@ def info_dict(state: ServerState) -> dict[str, Any]:
     engine = state.engine.engine
     return {
         "model_id": state.model_name,
-        "model_path": state.settings.model,
+        "model_path": state.models[0].path,
+        "models": [
+            {"name": m.name, "aliases": m.names[1:], "path": m.path, "n_layer": m.config.n_layer}
+            for m in state.models
+        ],
         "model_type": cfg.model_type,
         "version": __version__,
         "transformers_version": installed_transformers(),
@@ -186,7 +268,12 @@ def info_dict(state: ServerState) -> dict[str, Any]:
         "max_contrastive_work": state.settings.max_contrastive_work,
         "max_dola_work": state.settings.max_dola_work,
         "lora_adapters": [
-            {"name": name, "path": served.adapter.path, "rank": served.adapter.rank}
+            {
+                "name": name,
+                "path": served.adapter.path,
+                "rank": served.adapter.rank,
+                "parent": state.models[served.base].name,
+            }
             for name, served in engine.lora.served().items()
         ],
         "max_loras": engine.lora.max_loras,

@@ -1,5 +1,6 @@
-"""Tiny random LoRA adapters made with peft for the embedded model (no hub): the tests of
-the LoRA wiring (conformance, engine, HTTP) share them."""
+"""Fine-tunes of the embedded model made here (no hub): tiny random LoRA adapters made with
+peft, and full fine-tunes (the embedded weights perturbed, or a random model of another
+depth with the same tokenizer). The tests of several models and adapters share them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2LMHeadModel
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "kogpt2-mini"
 
@@ -54,3 +55,33 @@ def make_adapters(root: Path) -> dict[str, Path]:
 def merged_model(path: Path, dtype: torch.dtype = torch.float64) -> GPT2LMHeadModel:
     """peft's merged model for the adapter at ``path`` (the reference output)."""
     return PeftModel.from_pretrained(base_model(dtype), path).merge_and_unload().eval()
+
+
+def make_finetune(
+    folder: Path,
+    seed: int,
+    scale: float = 0.02,
+    *,
+    config: dict[str, object] | None = None,
+    generation: dict[str, object] | None = None,
+) -> Path:
+    """A full checkpoint with the embedded model's tokenizer saved to ``folder``: its
+    weights plus seeded noise of std ``scale`` (a "fine-tune"), or with ``config``
+    overrides (e.g. n_layer: another KV layout) a random model of that config;
+    ``generation`` overrides its generation_config (its own defaults, as a real fine-tune
+    may ship)."""
+    torch.manual_seed(seed)
+    model = base_model(torch.float32)
+    if config is not None:
+        random_config = model.config.__class__.from_dict({**model.config.to_dict(), **config})
+        model = GPT2LMHeadModel(random_config).eval()
+        model.generation_config = base_model(torch.float32).generation_config
+    else:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * scale)
+    for key, value in (generation or {}).items():
+        setattr(model.generation_config, key, value)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(EMBEDDED).save_pretrained(folder)
+    return folder

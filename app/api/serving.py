@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.api.errors import APIError, param_error
+from app.api.model_selection import Target, target_model
 from app.engine.async_engine import EngineNotRunningError, EngineQueueFullError
 from app.engine.core.request import FinishReason
 from app.engine.lanes.exact import float_counts
@@ -74,19 +75,23 @@ def build_params(
     *,
     exact_lane: bool = False,
     logprobs: bool = True,
+    target: Target | None = None,
 ) -> SamplingParams:
     """The resolve step (app/options/resolve.py: routing by the option registry, defaults,
     ranges, cross-field and model-limit checks) for this server's model; a bad option is a
     422 named as the caller named it. `exact_lane`: the caller serves output_attentions /
     output_hidden_states (app/engine/lanes/exact.py); elsewhere they are a 422. `logprobs`:
     False when the response shows no token log-prob and none ranks the sequences (the
-    engine then skips their full-row log-softmax)."""
-    config = state.loaded.config
+    engine then skips their full-row log-softmax). `target`: the model or adapter that runs
+    the request (model_selection; None: the default model), whose generation_config gives
+    the defaults, as its own `model.generate` would take them."""
+    model = target_model(state, target)
+    config = model.config
     default_max_time = state.settings.default_max_time_seconds
     if default_max_time is not None and options.get("max_time") is None:
         options = {**options, "max_time": default_max_time}  # the server's own deadline
     limits = ModelLimits(
-        generation_defaults=state.generation_defaults(),
+        generation_defaults=model.generation_defaults(),
         max_total_tokens=state.max_total_tokens,
         vocab_size=int(config.vocab_size),
         num_layers=int(config.n_layer),
@@ -108,6 +113,8 @@ def build_params(
         raise param_error(exc, {"inputs": "inputs", **(renames or {})}) from exc
     # Several sequences: the routes rank them by summed log-probs (best_of, TGI order).
     params.logprobs = logprobs or params.num_return_sequences > 1
+    if target is not None:
+        params.model_name, params.lora_name = target.model, target.lora
     return params
 
 
@@ -413,7 +420,7 @@ def check_diagnostics_cap(
 ) -> None:
     """422 naming the field and the cap when the exact lane's outputs would exceed it."""
     cap = state.settings.exact_lane_max_floats
-    counts = float_counts(state.loaded.config, prompt_len, params)
+    counts = float_counts(state.model_named(params.model_name).config, prompt_len, params)
     total = sum(counts[name] for name in asked)
     if total > cap:
         name = max(asked, key=lambda n: counts[n])

@@ -10,9 +10,10 @@ produced something. The threaded asyncio front end lives in async_engine.py.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,8 @@ from app.engine.grammar import ConstraintFactory
 from app.engine.lanes.class_b.runner import ClassBRun, rows_error
 from app.engine.lanes.context import LaneContext, LaneRequestError, LaneRun
 from app.engine.lanes.exact import ExactRun
-from app.engine.lora_registry import LoRARegistry
+from app.engine.lora_registry import LoRARegistry, ServedLoRA
+from app.engine.merged_models import MergedModels
 from app.engine.model_runner import ModelRunner, StepResult, score_prompt_rows
 from app.engine.output_processor import OutputProcessor
 from app.engine.outputs import GeneratedToken, PromptLogprob, RequestOutput, SequenceOutput
@@ -64,29 +66,33 @@ class EngineConfig:
     max_lora_rank: int = 64
 
 
-class LoRARequestError(ValueError):
-    """A LoRA adapter asked for with an option that does not run on the batched forward."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+class ModelNotServedError(LookupError):
+    """A request names a full model this engine does not serve."""
 
 
-def check_lora_request(params: SamplingParams, diagnostics: tuple[str, ...]) -> None:
-    """LoRA adapters apply in the paged forward only: the exclusive lanes (class-B methods,
-    output_attentions / output_hidden_states) and token healing run transformers' base
-    model, so a LoRA request there is refused (a 422) rather than served by the base."""
-    if diagnostics:
-        raise LoRARequestError(
-            f"`{diagnostics[0]}` (the exact lane) is not served with a LoRA adapter",
-            diagnostics[0],
-        )
-    if isinstance(params, ClassBParams) and params.class_b is not None:
-        raise LoRARequestError(
-            f"the decoding method {params.class_b.method} is not served with a LoRA adapter"
-        )
-    if params.token_healing:
-        raise LoRARequestError("`token_healing` is not served with a LoRA adapter", "token_healing")
+@torch.inference_mode()
+def model_prompt_logprobs(
+    model: torch.nn.Module, prompt: list[int], top_n: int
+) -> list[PromptLogprob | None]:
+    """Prompt log-probs from transformers' model itself (the exclusive lanes' requests)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    hidden = model.transformer(ids).last_hidden_state[0]  # ln_f applied
+    rows = list(range(len(prompt) - 1))
+    vocab = int(model.config.vocab_size)
+    scored = score_prompt_rows(model.lm_head, hidden, rows, prompt[1:], top_n, vocab)
+    return [None, *scored]
+
+
+@torch.inference_mode()
+def heal_prompt(model: torch.nn.Module, tokenizer: Any, prompt_token_ids: list[int]) -> list[int]:
+    """generate's token healing: the prompt's tail token is re-chosen among its
+    extensions (transformers' own heal_tokens, a one-token generate on the prompt)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_token_ids], device=device)
+    healed = model.heal_tokens(ids, tokenizer)[0]
+    pad = tokenizer.pad_token_id
+    return [int(t) for t in healed.tolist() if t != pad] or prompt_token_ids
 
 
 class LLMEngine:
@@ -96,9 +102,19 @@ class LLMEngine:
         tokenizer: Any,
         config: EngineConfig,
         draft_model: torch.nn.Module | None = None,
+        more_models: Mapping[str, torch.nn.Module] | None = None,
+        model_name: str | None = None,
     ) -> None:
+        """``more_models``: the server's other full models by name (fine-tunes of
+        ``hf_model``'s base: same tokenizer, device and dtype), selected per request by
+        ``params.model_name``; ``model_name``: ``hf_model``'s own (None or it: the default).
+        """
         self.config = config
         self.tokenizer = tokenizer
+        more = dict(more_models or {})
+        # Model index by name: 0 is hf_model (the default), then more_models in order.
+        self.model_names = [model_name or "", *more]
+        self._model_index = {name: i for i, name in enumerate(self.model_names)}
         self.runner = ModelRunner(
             hf_model,
             config.num_blocks,
@@ -110,16 +126,26 @@ class LLMEngine:
             static_decode=config.static_decode,
             native_kernels=config.native_kernels,
             batch_invariant=config.batch_invariant,
+            more_models=list(more.values()),
         )
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         # LoRA adapters requests may name (add_request's lora_name); loaded by the caller.
+        # Prefix-cache namespaces (Request.cache_salt): 0 the default model, then one per
+        # other full model and one per adapter load, never reused.
+        salts = itertools.count(1)
+        self._model_salts = [0, *(next(salts) for _ in more)]
         self.lora = LoRARegistry(
-            hf_model.config,
+            [m.config for m in self.runner.hf_models],
             self.runner.device,
             self.runner.dtype,
             config.max_loras,
             config.max_lora_rank,
+            salts=salts,
+            model_names=self.model_names,
         )
+        # Merged copies (base + adapter) for the requests of an adapter that run on
+        # transformers' model (exclusive lanes, token healing); see _hf_model_for.
+        self._merged = MergedModels(self.runner.hf_models)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv
         )
@@ -141,9 +167,7 @@ class LLMEngine:
         self._lane_prompt_logprobs: dict[str, list[PromptLogprob | None]] = {}
         # Aborts signalled from other threads: a long lane step sees them between its chunks.
         self._cancelled: set[str] = set()
-        self.lane_context = LaneContext(
-            hf_model, tokenizer, self.runner.device, lambda: self.token_bytes, self._heal
-        )
+        self.lane_context = self._lane_context(hf_model)
         # speculative decoding: drafts and their verification, through a narrow context
         self.spec = SpecDecoder(
             SpecContext(
@@ -179,22 +203,26 @@ class LLMEngine:
         """Admit a request. `diagnostics` (output_attentions / output_hidden_states) and the
         class-B methods take an exclusive lane; everything else the batched one.
         `params.max_new_tokens == 0`: the prompt only (its log-probs), nothing sampled.
-        `params.lora_name`: a loaded LoRA adapter the request runs with (batched lane only)."""
+        `params.model_name`: the full model that runs it (None: the default).
+        `params.lora_name`: a loaded LoRA adapter it runs with (on the adapter's model)."""
         class_b = isinstance(params, ClassBParams) and params.class_b is not None
         lora = None
+        model = self.model_index(params.model_name)
         if params.lora_name is not None:
-            check_lora_request(params, diagnostics)
             lora = self.lora.get(params.lora_name)  # LoRANotFoundError: unloaded meanwhile
+            model = lora.base
         lane_prompt = None
+        if diagnostics or class_b or params.token_healing:
+            # The exclusive lanes and token healing run transformers' model: the request's
+            # own, or with an adapter a merged copy (built once per adapter, kept while used).
+            context = self._lane_context(self._hf_model_for(model, lora))
         if params.prompt_logprobs is not None and (diagnostics or class_b):
             # The exclusive lanes run transformers' generate, not the paged prefill: their
             # prompt's log-probs come from one forward of the model here.
             top_n = params.prompt_logprobs
-            lane_prompt = self._model_prompt_logprobs(list(prompt_token_ids), top_n)
+            lane_prompt = model_prompt_logprobs(context.model, list(prompt_token_ids), top_n)
         if diagnostics:
-            run: LaneRun = ExactRun(
-                self.lane_context, list(prompt_token_ids), params, list(diagnostics)
-            )
+            run: LaneRun = ExactRun(context, list(prompt_token_ids), params, list(diagnostics))
             self._lanes[request_id] = run
             if lane_prompt is not None:
                 self._lane_prompt_logprobs[request_id] = lane_prompt
@@ -205,14 +233,14 @@ class LLMEngine:
                 raise LaneRequestError(too_many)
             cancelled = self._cancelled
             run = ClassBRun(
-                self.lane_context, list(prompt_token_ids), params, lambda: request_id in cancelled
+                context, list(prompt_token_ids), params, lambda: request_id in cancelled
             )
             self._lanes[request_id] = run
             if lane_prompt is not None:
                 self._lane_prompt_logprobs[request_id] = lane_prompt
             return
         if params.token_healing:
-            prompt_token_ids = self._heal(prompt_token_ids)
+            prompt_token_ids = context.heal(prompt_token_ids)
         prompt_len = len(prompt_token_ids)
         seq = Sequence.from_prompt(prompt_token_ids)
         seqs = [seq]
@@ -234,6 +262,7 @@ class LLMEngine:
         )
         if params.prompt_logprobs is not None and prompt_len > 1:
             request.prompt_logprobs = params.prompt_logprobs
+        request.model, request.cache_salt = model, self._model_salts[model]
         if lora is not None:  # every sequence of the request (guidance's companion too)
             request.lora, request.cache_salt = lora.adapter, lora.cache_salt
         output = OutputProcessor(params, prompt_token_ids, self.tokenizer, lambda: self.token_bytes)
@@ -244,7 +273,10 @@ class LLMEngine:
         if params.num_beams > 1:
             # generate itself prepares processors and stopping criteria: exact semantics.
             prepared = prepare_generation(
-                self.runner.hf_model, prompt_token_ids, params.generate_kwargs, self.tokenizer
+                self.runner.hf_models[model],
+                prompt_token_ids,
+                params.generate_kwargs,
+                self.tokenizer,
             )
             beam = BeamSearch(prepared, prompt_token_ids, generator)
         deadline = None if params.max_time is None else time.monotonic() + params.max_time
@@ -255,26 +287,35 @@ class LLMEngine:
         self.scheduler.add_request(request)  # raises SchedulerCapacityError if it can never fit
         self._states[request_id] = state
 
-    @torch.inference_mode()
-    def _model_prompt_logprobs(self, prompt: list[int], top_n: int) -> list[PromptLogprob | None]:
-        """Prompt log-probs from transformers' model itself (the exclusive lanes' requests)."""
-        model = self.runner.hf_model
-        ids = torch.tensor([prompt], device=self.runner.device)
-        hidden = model.transformer(ids).last_hidden_state[0]  # ln_f applied
-        rows = list(range(len(prompt) - 1))
-        vocab = int(model.config.vocab_size)
-        scored = score_prompt_rows(model.lm_head, hidden, rows, prompt[1:], top_n, vocab)
-        return [None, *scored]
+    def model_index(self, name: str | None) -> int:
+        """The full model `name` selects (None: the default); ModelNotServedError if none."""
+        if name is None:
+            return 0
+        index = self._model_index.get(name)
+        if index is None:
+            served = ", ".join(n for n in self.model_names if n) or "the default model"
+            raise ModelNotServedError(f"no model named {name!r} is served; served: {served}")
+        return index
 
-    @torch.inference_mode()
+    def _hf_model_for(self, model: int, lora: ServedLoRA | None) -> torch.nn.Module:
+        """transformers' model a request of `model` (and `lora`) runs on outside the paged
+        forward: the model itself, or a merged copy of it with the adapter's update."""
+        if lora is None:
+            return self.runner.hf_models[model]
+        return self._merged.get(lora)
+
+    def _lane_context(self, hf_model: torch.nn.Module) -> LaneContext:
+        return LaneContext(
+            hf_model,
+            self.tokenizer,
+            self.runner.device,
+            lambda: self.token_bytes,
+            lambda ids: heal_prompt(hf_model, self.tokenizer, ids),
+        )
+
     def _heal(self, prompt_token_ids: list[int]) -> list[int]:
-        """generate's token healing: the prompt's tail token is re-chosen among its
-        extensions (transformers' own heal_tokens, a one-token generate on the prompt)."""
-        model = self.runner.hf_model
-        ids = torch.tensor([prompt_token_ids], device=self.runner.device)
-        healed = model.heal_tokens(ids, self.tokenizer)[0]
-        pad = self.tokenizer.pad_token_id
-        return [int(t) for t in healed.tolist() if t != pad] or prompt_token_ids
+        """Token healing on the default model (see heal_prompt)."""
+        return heal_prompt(self.runner.hf_model, self.tokenizer, prompt_token_ids)
 
     def _init_sequence(self, state: RequestState, seq: Sequence) -> None:
         state.sequences[seq.seq_id] = SequenceState(
@@ -296,8 +337,8 @@ class LLMEngine:
         return self.scheduler.abort_request(request_id) is not None
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write copies in every KV cache (the model's and the draft model's)."""
-        self.runner.kv_cache.copy_blocks(copies)
+        """Copy-on-write copies in every KV cache (the models' and the draft model's)."""
+        self.runner.copy_blocks(copies)
         if self.draft is not None:
             self.draft.kv_cache.copy_blocks(copies)
 

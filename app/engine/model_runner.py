@@ -13,9 +13,9 @@ no request materialises a [prompt_len, vocab] tensor; other rows are untouched.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, repeat
+from itertools import accumulate, chain, repeat
 
 import torch
 
@@ -26,7 +26,7 @@ from app.modeling.attention_metadata import build_step_input
 from app.modeling.batch_invariant import BatchInvariant
 from app.modeling.cuda_graphs import DecodeGraphs
 from app.modeling.gpt2 import PagedGPT2
-from app.modeling.kv_cache import KVCache
+from app.modeling.kv_cache import KVCache, kv_layout
 from app.modeling.linear import LinearBackend, Quantize
 from app.modeling.lora import LoRAStacks, StepLoRA
 from app.modeling.native import NativeKernels
@@ -59,41 +59,65 @@ class ModelRunner:
         static_decode: bool | None = None,
         native_kernels: NativeKernels = "auto",
         batch_invariant: BatchInvariant = "off",
+        more_models: Sequence[torch.nn.Module] = (),
     ) -> None:
         """``enforce_eager``: never capture CUDA graphs. ``static_decode``: run all-decode
         steps through the padded fixed-shape forward (default: where graphs are captured,
-        i.e. on CUDA unless ``enforce_eager``); True without graphs runs it eagerly (tests)."""
+        i.e. on CUDA unless ``enforce_eager``); True without graphs runs it eagerly (tests).
+        ``more_models``: the server's other full models (model 1, 2, ...; ``hf_model`` is
+        model 0), on the same device, dtype and vocabulary: their requests share the block
+        pool and run in the same steps, one forward per model."""
         self.config = hf_model.config
-        self.hf_model = hf_model  # kept for transformers-side preparation (beam search)
-        self.model = PagedGPT2.from_hf(
-            hf_model, linear_backend, quantize, native_kernels, batch_invariant
-        )
-        # Packs weights and builds the native kernels now: a bad backend fails at start-up.
-        self.model.linears()
-        self.model.uses_native()
+        self.hf_models = [hf_model, *more_models]
+        self.models = [
+            PagedGPT2.from_hf(m, linear_backend, quantize, native_kernels, batch_invariant)
+            for m in self.hf_models
+        ]
+        for model in self.models:  # packs weights, builds native kernels: fail at start-up
+            model.linears()
+            model.uses_native()
+        self.hf_model = hf_model  # model 0's, for transformers-side preparation (beam search)
+        self.model = self.models[0]
         self.device = next(hf_model.parameters()).device
         self.dtype = self.model.dtype
         self.block_size = block_size
         capture = self.device.type == "cuda" and not enforce_eager
         padded = capture if static_decode is None else static_decode
         # The padded decode needs one scratch block that the block manager never hands out:
-        # block `num_blocks`, past the managed pool.
-        self.kv_cache = KVCache.allocate(
-            self.config, num_blocks + int(padded), block_size, self.dtype, self.device
-        )
+        # block `num_blocks`, past the managed pool. Models of one KV layout (fine-tunes of
+        # one base) write into the same tensors: a block id is storage for any of them, and
+        # the prefix cache's per-model salt keeps one model from reading another's blocks.
+        # A model of another layout gets its own tensors over the same block ids.
+        layouts: dict[tuple[int, int, int], KVCache] = {}
+        self.kv_caches: list[KVCache] = []
+        for config in (m.config for m in self.hf_models):
+            layout = kv_layout(config)
+            if layout not in layouts:
+                layouts[layout] = KVCache.allocate(
+                    config, num_blocks + int(padded), block_size, self.dtype, self.device
+                )
+            self.kv_caches.append(layouts[layout])
+        self.kv_cache = self.kv_caches[0]
         self.step_timer = StepTimer(self.device)
         # Concatenated weights of the adapter sets recent steps ran (app/modeling/lora.py).
         self.lora_stacks = LoRAStacks()
-        self.decode_graphs: DecodeGraphs | None = None
+        self.graphs: list[DecodeGraphs | None] = [None] * len(self.models)
         if padded:
-            self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, num_blocks)
-            if capture:
-                self.decode_graphs.capture()
+            for i, (model, kv) in enumerate(zip(self.models, self.kv_caches, strict=True)):
+                self.graphs[i] = DecodeGraphs(model, kv, max_num_seqs, num_blocks)
+                if capture:
+                    self.graphs[i].capture()
+        self.decode_graphs = self.graphs[0]
 
     @property
     def num_decode_graphs(self) -> int:
-        """CUDA graphs captured for decode steps (0 on CPU or with enforce_eager)."""
-        return len(self.decode_graphs.graphs) if self.decode_graphs is not None else 0
+        """CUDA graphs captured for decode steps, all models (0 on CPU or enforce_eager)."""
+        return sum(len(g.graphs) for g in self.graphs if g is not None)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write block copies in every KV layout's tensors."""
+        for kv in {id(kv): kv for kv in self.kv_caches}.values():
+            kv.copy_blocks(copies)
 
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Logits [num sampling seqs, vocab], rows in the order of `out.seqs` that sample."""
@@ -101,45 +125,72 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_step(self, out: SchedulerOutput) -> StepResult:
-        """The step's forward: sampling logits, and prompt log-probs where chunks ask."""
-        self.kv_cache.copy_blocks(out.cow_copies)
-        asking = any(item.prompt_targets for item in out.seqs)
-        lora = any(item.lora is not None for item in out.seqs)
+        """The step's forward: sampling logits, and prompt log-probs where chunks ask. With
+        several models in the step, one forward per model, the logits rows put back in
+        `out.seqs` order."""
+        self.copy_blocks(out.cow_copies)
+        first = out.seqs[0].model if out.seqs else 0
+        if all(item.model == first for item in out.seqs):
+            return self._forward(first, out.seqs)
+        groups: dict[int, list[int]] = {}
+        for i, item in enumerate(out.seqs):
+            groups.setdefault(item.model, []).append(i)
+        # Each sequence's logits rows: its chunk's tokens (drafts to verify), 1 or none.
+        counts = [len(s.token_ids) if s.all_logits else int(s.sample) for s in out.seqs]
+        starts = list(accumulate(counts, initial=0))
+        parts: list[torch.Tensor] = []
+        order: list[int] = []  # for each row of cat(parts), its row in out.seqs order
+        prompt: list[tuple[ScheduledSeq, list[PromptLogprob]]] = []
+        for model, members in groups.items():
+            result = self._forward(model, [out.seqs[i] for i in members])
+            parts.append(result.logits)
+            prompt.extend(result.prompt_logprobs)
+            for i in members:
+                order.extend(range(starts[i], starts[i] + counts[i]))
+        logits = torch.cat(parts)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        logits = logits.index_select(0, inverse.to(logits.device))
+        return StepResult(logits, prompt)
+
+    def _forward(self, index: int, seqs: list[ScheduledSeq]) -> StepResult:
+        """One model's forward over its sequences of the step."""
+        model, kv = self.models[index], self.kv_caches[index]
+        asking = any(item.prompt_targets for item in seqs)
+        lora = any(item.lora is not None for item in seqs)
         # Graphs return sampling rows only, and are captured without LoRA updates: a step
         # with adapter rows runs the eager varlen forward.
-        graphs = None if asking or lora else self.decode_graphs
-        shape = graphs.shape_for(out.seqs) if graphs is not None else None
+        graphs = None if asking or lora else self.graphs[index]
+        shape = graphs.shape_for(seqs) if graphs is not None else None
         prompt: list[tuple[ScheduledSeq, list[PromptLogprob]]] = []
         if graphs is not None and shape is not None:
-            rows = graphs.prepare(out.seqs, shape)
+            rows = graphs.prepare(seqs, shape)
             self.step_timer.forward_started()
             logits = graphs.run(shape, rows)
         else:
             step = build_step_input(
-                out.seqs,
+                seqs,
                 self.block_size,
                 self.device,
-                max_positions=self.config.n_positions,
-                paged_decode=self.model.paged_decode,
-                paged_chunk_tokens=self.model.paged_chunk_tokens,
+                max_positions=model.n_positions,
+                paged_decode=model.paged_decode,
+                paged_chunk_tokens=model.paged_chunk_tokens,
             )
             if lora:  # each token row runs with its sequence's adapter (None: the base)
-                rows = chain.from_iterable(
-                    repeat(item.lora, len(item.token_ids)) for item in out.seqs
-                )
+                rows = chain.from_iterable(repeat(item.lora, len(item.token_ids)) for item in seqs)
                 step.lora = StepLoRA.build(rows, self.device, self.lora_stacks)
             self.step_timer.forward_started()
             if asking:
-                hidden = self.model.forward_hidden(step, self.kv_cache)
-                logits = self.model.head(hidden.index_select(0, step.logits_indices))
-                prompt = self._prompt_logprobs(out.seqs, hidden)
+                hidden = model.forward_hidden(step, kv)
+                logits = model.head(hidden.index_select(0, step.logits_indices))
+                prompt = self._prompt_logprobs(model, seqs, hidden)
             else:
-                logits = self.model(step, self.kv_cache)
+                logits = model(step, kv)
         self.step_timer.forward_finished()
         return StepResult(logits, prompt)
 
     def _prompt_logprobs(
-        self, seqs: list[ScheduledSeq], hidden: torch.Tensor
+        self, model: PagedGPT2, seqs: list[ScheduledSeq], hidden: torch.Tensor
     ) -> list[tuple[ScheduledSeq, list[PromptLogprob]]]:
         """The asking chunks' prompt rows through ln_f and the LM head (score_prompt_rows)."""
         rows: list[int] = []
@@ -151,7 +202,7 @@ class ModelRunner:
             first += len(item.token_ids)
         top_n = max(item.prompt_top_n for item in seqs if item.prompt_targets)
         vocab = int(self.config.vocab_size)
-        scored = iter(score_prompt_rows(self.model.head, hidden, rows, targets, top_n, vocab))
+        scored = iter(score_prompt_rows(model.head, hidden, rows, targets, top_n, vocab))
         result = []
         for item in seqs:
             if item.prompt_targets:

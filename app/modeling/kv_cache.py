@@ -12,6 +12,12 @@ from dataclasses import dataclass
 import torch
 
 
+def kv_layout(config: object) -> tuple[int, int, int]:
+    """What decides a model's KV tensors' shapes: layers, heads, head size."""
+    n_layer, n_head, n_embd = (int(getattr(config, k)) for k in ("n_layer", "n_head", "n_embd"))
+    return n_layer, n_head, n_embd // n_head
+
+
 @dataclass
 class KVCache:
     """Per layer one key and one value tensor of shape [num_blocks * block_size, H, hd]."""

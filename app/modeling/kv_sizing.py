@@ -16,6 +16,7 @@ eagerly (the graphs share one pool, captured largest first, so the largest one s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -24,7 +25,7 @@ import torch
 from app.modeling.attention_metadata import SeqChunk, build_step_input
 from app.modeling.cuda_graphs import DecodeGraphs
 from app.modeling.gpt2 import PagedGPT2
-from app.modeling.kv_cache import KVCache
+from app.modeling.kv_cache import KVCache, kv_layout
 
 CPU_DEFAULT_KV_GIB = 2.0  # default KV pool on CPU hosts when nothing is configured
 GIB = 2**30
@@ -187,10 +188,19 @@ def size_from_gpu(
     min_blocks: int,
     max_blocks: int,
     decode_graphs: bool = False,
+    more_models: Sequence[PagedGPT2] = (),
 ) -> KVSizing:
+    """``more_models``: the server's other full models (loaded: their weights are in
+    ``memory_allocated``). A step runs one model's forward after another, so the peak is the
+    largest model's; each model captures its own decode graphs."""
     weights = memory.memory_allocated()
-    peak = activation_peak_bytes(model, memory, max_tokens, max_seqs, block_size)
-    graphs = decode_graph_bytes(model, memory, max_seqs, block_size) if decode_graphs else None
+    models = [model, *more_models]
+    peak = max(activation_peak_bytes(m, memory, max_tokens, max_seqs, block_size) for m in models)
+    graphs = (
+        sum(decode_graph_bytes(m, memory, max_seqs, block_size) for m in models)
+        if decode_graphs
+        else None
+    )
     free, total = memory.mem_get_info()
     non_torch = max(0, total - free - memory.memory_reserved())
     budget = int(total * utilization) - weights - peak - (graphs or 0) - non_torch
@@ -214,12 +224,16 @@ def resolve_kv_sizing(
     memory: DeviceMemory | None = None,
     decode_graphs: bool | None = None,
     draft_config: Any = None,
+    more_models: Sequence[PagedGPT2] = (),
 ) -> KVSizing:
     """The pool size for these settings; `memory` defaults to CudaMemory on a CUDA model,
     `decode_graphs` (whether decode steps will run as CUDA graphs) to CUDA without
     --enforce-eager. An explicit --num-kv-blocks gets the graphs' scratch block on top.
     With a draft model (`draft_config`, loaded before sizing so its weights are counted)
-    a block costs the draft's KV bytes too: the draft keeps a cache of as many blocks."""
+    a block costs the draft's KV bytes too: the draft keeps a cache of as many blocks. With
+    several full models (`more_models`), a model whose KV layout differs from the ones
+    before it adds its bytes per block too (it keeps its own tensors over the same block
+    ids); fine-tunes of one base share the tensors and cost nothing more per block."""
     config = model.config
     if decode_graphs is None:
         eager = bool(getattr(settings, "enforce_eager", False))
@@ -227,6 +241,11 @@ def resolve_kv_sizing(
     per_block = KVCache.block_bytes(config, settings.block_size, model.dtype)
     if draft_config is not None:
         per_block += KVCache.block_bytes(draft_config, settings.block_size, model.dtype)
+    layouts = {kv_layout(config)}
+    for other in more_models:
+        if kv_layout(other.config) not in layouts:
+            layouts.add(kv_layout(other.config))
+            per_block += KVCache.block_bytes(other.config, settings.block_size, model.dtype)
     min_blocks = -(-int(config.n_positions) // settings.block_size)
     max_blocks = settings.max_num_seqs * min_blocks
     if settings.num_kv_blocks is not None:
@@ -258,6 +277,7 @@ def resolve_kv_sizing(
             min_blocks,
             max_blocks,
             decode_graphs,
+            more_models,
         )
     budget = int(CPU_DEFAULT_KV_GIB * GIB)
     hint = "raise --kv-cache-memory-gb"

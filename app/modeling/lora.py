@@ -230,6 +230,18 @@ def load_lora_adapter(name: str, path: str | Path, base_config: Any) -> LoRAAdap
     )
 
 
+@torch.no_grad()
+def merge_lora(hf_model: torch.nn.Module, adapter: LoRAAdapter) -> None:
+    """Add the adapter's update into a GPT2LMHeadModel's Conv1D weights in place, as peft's
+    ``merge_and_unload`` does it (``delta = (B @ A).T * scaling`` for a fan_in_fan_out
+    layer, computed in that order, then added): the merged model is the adapter's model."""
+    blocks = hf_model.transformer.h
+    for (layer, module), w in adapter.weights.items():
+        conv = blocks[layer].get_submodule(module)
+        delta = (w.b.T @ w.a.T).T * w.scaling  # [in, out] like Conv1D.weight
+        conv.weight.add_(delta.to(conv.weight.dtype))
+
+
 @dataclass(frozen=True)
 class LoRARows:
     """One step's rows of one adapter: ``rows`` indexes the step's flat token rows (None:

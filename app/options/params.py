@@ -108,6 +108,9 @@ class SamplingParams:
     # Not an option (the routes set it from the request's model / adapter_id): the loaded
     # LoRA adapter the request runs with (app/engine/lora_registry.py); None: the base model.
     lora_name: str | None = None
+    # Not an option (the routes set it likewise): the full model that runs the request when
+    # the server serves several (--model NAME=PATH ...); None: the default (first) model.
+    model_name: str | None = None
     # Prompt-lookup decoding (speculative: no effect on output, see engine/spec/decoder.py).
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None

@@ -13,12 +13,13 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from app.engine.engine import EngineConfig, LLMEngine, LoRARequestError
+from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.lora_registry import LoRANotFoundError
 from app.modeling.loader import LoadedModel
 from app.options.resolve import resolve_sampling_params
 from tests.conformance.conftest import encode, padded
 from tests.lora_helpers import make_adapters, merged_model
+from tests.unit.class_b_helpers import class_b_params
 
 PROMPTS = ["대한민국은", "국회는 국민의", "제1조 대한민국은 민주공화국이다. 모든 권력은"]
 OPTIONS: list[dict[str, Any]] = [
@@ -158,14 +159,31 @@ def test_prefix_cache_is_per_adapter(embedded64: LoadedModel, adapter_dirs, merg
     assert hits == [0, 0, 3, 0]
 
 
-def test_refused_combinations_and_unknown_name(embedded64: LoadedModel, adapter_dirs) -> None:
+def _run_one(engine: LLMEngine, prompt: list[int], params: Any, diag: tuple[str, ...] = ()):
+    engine.add_request("one", prompt, params, diag)
+    tokens: list[int] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens += [t for seq in out.outputs for t in seq.token_ids]
+    return tokens
+
+
+def test_lanes_with_an_adapter_run_its_merged_model(
+    embedded64: LoadedModel, adapter_dirs, merged
+) -> None:
+    """What runs on transformers' model rather than the paged forward runs on a merged
+    copy of the base and the adapter (engine/merged_models.py): token healing and the exact
+    lane equal the merged model's generate, contrastive search (a class-B lane) equals the
+    same lane run by an engine whose model is the merged one; an unknown name is refused."""
     engine = make_engine(embedded64, adapter_dirs)
     prompt = encode(embedded64, PROMPTS[0])
+    defaults = embedded64.generation_config.to_dict()
 
-    def params(lora_name: str, **options: Any) -> Any:
+    def params(lora_name: str | None, **options: Any) -> Any:
         resolved = resolve_sampling_params(
-            {"max_new_tokens": 4, **options},
-            embedded64.generation_config.to_dict(),
+            {"max_new_tokens": 8, **options},
+            defaults,
             int(embedded64.config.n_positions),
             len(prompt),
             encode=lambda s: encode(embedded64, s),
@@ -174,10 +192,35 @@ def test_refused_combinations_and_unknown_name(embedded64: LoadedModel, adapter_
         resolved.lora_name = lora_name  # set by the routes, not an option
         return resolved
 
-    with pytest.raises(LoRARequestError, match="token_healing"):
-        engine.add_request("a", prompt, params("poem", token_healing=True))
-    with pytest.raises(LoRARequestError, match="exact lane"):
-        engine.add_request("b", prompt, params("poem"), ("output_attentions",))
+    poem = merged["poem"]
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        healed = poem.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            tokenizer=embedded64.tokenizer,
+            token_healing=True,
+            max_new_tokens=8,
+        )[0].tolist()
+        greedy = poem.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8)
+    base_greedy = reference(embedded64.model, embedded64, prompt, {"max_new_tokens": 8})[0]
+    assert greedy[0, len(prompt) :].tolist() != base_greedy  # the adapter matters here
+    got = _run_one(engine, prompt, params("poem", token_healing=True))
+    assert got == healed[-len(got) :] and len(got) == 8
+    got = _run_one(engine, prompt, params("poem"), ("output_hidden_states",))
+    assert got == greedy[0, len(prompt) :].tolist()
+
+    options = {"penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 8}
+    contrastive = class_b_params(embedded64, len(prompt), **options)
+    contrastive.lora_name = "poem"
+    ours = _run_one(engine, prompt, contrastive)
+    alone = LLMEngine(poem, embedded64.tokenizer, EngineConfig(num_blocks=64, block_size=16))
+    theirs = _run_one(alone, prompt, class_b_params(embedded64, len(prompt), **options))
+    assert ours == theirs and len(ours) == 8
+    contrastive.lora_name = None
+    assert _run_one(engine, prompt, contrastive) != ours  # the base's differs: it can fail
+    assert len(engine._merged) == 1  # one merged copy kept for the adapter
+
     with pytest.raises(LoRANotFoundError, match="served: poem, chat"):
         engine.add_request("c", prompt, params("nope"))
     assert not engine.has_unfinished()

@@ -108,17 +108,21 @@ def test_adapter_id_on_tgi_routes(
     body = unknown.json()
     assert unknown.status_code == 404 and body["field"] == "adapter_id"
     assert "`poem`" in body["error"] and "`chat`" in body["error"]
-    # The lanes that run transformers' base model refuse an adapter, naming the combination.
-    for extra, words in (
-        ({"output_attentions": True}, "output_attentions"),
-        ({"penalty_alpha": 0.6, "top_k": 4}, "contrastive"),
-        ({"token_healing": True}, "token_healing"),
+    # The lanes that run on transformers' model run a merged copy of base + adapter
+    # (engine/merged_models.py; exact equality: tests/conformance/test_lora_conformance.py).
+    for extra in (
+        {"output_attentions": True},
+        {"penalty_alpha": 0.6, "top_k": 4},
+        {"token_healing": True},
     ):
         r = lora_client.post(
             "/generate", json={"inputs": PROMPT, "parameters": {**params, **extra}}
         )
-        assert r.status_code == 422, (extra, r.text)
-        assert words in r.json()["error"] and "LoRA" in r.json()["error"], r.text
+        assert r.status_code == 200, (extra, r.text)
+        ids = [t["id"] for t in r.json()["details"]["tokens"]]
+        assert len(ids) == NEW_TOKENS
+        if "output_attentions" in extra:  # greedy on the merged model
+            assert ids == reference(lora_server, adapter_dirs["poem"])
 
 
 def test_models_info_and_metrics_list_the_adapters(

@@ -360,8 +360,13 @@ def test_tokenize_and_detokenize_bodies(client: httpx.Client, live_server: LiveS
 
 def named_server(base: LiveServer, **update: Any) -> LiveServer:
     settings = base.state.settings.model_copy(update=update)
+    default = dataclasses.replace(base.state.models[0], names=settings.served_model_names)
     state = dataclasses.replace(
-        base.state, settings=settings, model_name=settings.served_model_names[0], metrics=None
+        base.state,
+        settings=settings,
+        model_name=settings.served_model_names[0],
+        metrics=None,
+        models=[default, *base.state.models[1:]],
     )
     return start_server(settings, state)
 

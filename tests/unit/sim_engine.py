@@ -41,9 +41,11 @@ class SimEngine:
         self.finished: dict[str, list[list[int]]] = {}
         self.steps = 0
 
-    def add(self, request_id: str, prompt: list[int], max_new: int, n: int = 1) -> Request:
+    def add(
+        self, request_id: str, prompt: list[int], max_new: int, n: int = 1, model: int = 0
+    ) -> Request:
         seqs = [Sequence.from_prompt(prompt)]
-        request = Request(request_id, seqs, len(prompt) + max_new, max_num_seqs=n)
+        request = Request(request_id, seqs, len(prompt) + max_new, max_num_seqs=n, model=model)
         self.max_new[request_id] = max_new
         self.scheduler.add_request(request)
         request.params = n  # forks wanted after prefill

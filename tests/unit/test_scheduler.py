@@ -183,3 +183,26 @@ def test_random_workloads_keep_invariants(
     assert list(got.values()) == list(reference.values())
     assert sim.kv.num_free_blocks == num_blocks
     sim.kv.check_integrity()
+
+
+def test_models_are_admitted_in_turn() -> None:
+    """Several full models: a flood of model 0's requests waiting ahead does not keep model
+    1's requests waiting; each model's own requests stay FCFS. With one model the order
+    is plain FCFS (the flood first)."""
+    for models, first_b_step in (((0, 1), 0), ((0, 0), 6)):
+        sim = SimEngine(num_blocks=64, block_size=4, max_num_seqs=2, max_num_batched_tokens=64)
+        for i in range(6):
+            sim.add(f"a{i}", [1, 2, 3], max_new=2, model=models[0])
+        for i in range(2):
+            sim.add(f"b{i}", [4, 5, 6], max_new=2, model=models[1])
+        admitted: list[list[str]] = []
+        seen: set[str] = set()
+        while sim.scheduler.has_unfinished():
+            sim.step()
+            running = {r.request_id for r in sim.scheduler.running} | set(sim.finished)
+            admitted.append(sorted(running - seen))
+            seen |= running
+        flat = [r for step in admitted for r in step]
+        assert [r for r in flat if r[0] == "a"] == [f"a{i}" for i in range(6)]  # FCFS per model
+        b_step = next(i for i, step in enumerate(admitted) if any(r[0] == "b" for r in step))
+        assert b_step == first_b_step, admitted

@@ -320,6 +320,17 @@ class LoadLoRAAdapterRequest(BaseModel):
 
     lora_name: str = Field(min_length=1, description="The name requests select it by.")
     lora_path: str = Field(min_length=1, description="A peft LoRA adapter directory.")
+    load_inplace: bool = Field(
+        default=False,
+        description="vLLM's: replace an adapter already loaded under `lora_name` (running "
+        "requests finish with the old weights; new ones get the new).",
+    )
+    base_model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Ours (the key of vLLM's --lora-modules JSON): the served full model the "
+        "adapter is for; default: the default model.",
+    )
 
 
 class UnloadLoRAAdapterRequest(BaseModel):

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Body, Depends, Request
 
 from app.api.body_checks import OffLoopBodyRoute
 from app.api.errors import APIError
+from app.api.model_selection import Target, default_eos_ids, select_model
 from app.api.protocol.chat import (
     CHAT_EXAMPLE,
     ChatCompletionRequest,
@@ -42,8 +43,6 @@ from app.api.routes.openai import (
     ERRORS,
     check_context,
     check_prompt_fits,
-    default_eos_ids,
-    select_model,
 )
 from app.api.serving import (
     Completion,
@@ -129,14 +128,14 @@ def chat_prompt(
     return ids, text
 
 
-def stop_token_ids(state: ServerState) -> list[int]:
+def stop_token_ids(state: ServerState, target: Target | None = None) -> list[int]:
     """The checkpoint's eos (as generate takes it) plus the `<usr>` turn marker."""
-    ids = default_eos_ids(state)
+    ids = default_eos_ids(state, target)
     return ids + [t for t in turn_stop_token_ids(state.tokenizer) if t not in ids]
 
 
 def chat_options(
-    state: ServerState, body: ChatCompletionRequest, ids: list[int]
+    state: ServerState, body: ChatCompletionRequest, ids: list[int], target: Target | None = None
 ) -> tuple[dict[str, Any], dict[str, str], int]:
     """(generate options, error renames, n), through the /v1/completions mapping."""
     extras = body.extra_options
@@ -173,9 +172,9 @@ def chat_options(
     options, renames, n = completion_options(CompletionRequest.model_validate({**extras, **fields}))
     renames.update(max_new_tokens=max_field, top_n_tokens="top_logprobs", inputs="messages")
     if body.stop_token_ids:  # added to the chat's stop ids (eos + <usr>, unless ignore_eos)
-        apply_stop_token_ids(options, renames, body.stop_token_ids, stop_token_ids(state))
+        apply_stop_token_ids(options, renames, body.stop_token_ids, stop_token_ids(state, target))
     elif "eos_token_id" not in extras and not body.ignore_eos:
-        options["eos_token_id"] = stop_token_ids(state)
+        options["eos_token_id"] = stop_token_ids(state, target)
     if given:
         check_context(state, options, renames, len(ids))
     return options, renames, n
@@ -196,10 +195,10 @@ class ChatBuilder:
         body: ChatCompletionRequest,
         ids: list[int],
         n: int,
-        lora_name: str | None = None,
+        model_name: str | None = None,
     ):
         self.state, self.body, self.prompt_tokens, self.n = state, body, len(ids), n
-        self.model_name = lora_name or state.model_name  # the adapter's name, as vLLM
+        self.model_name = model_name or state.model_name  # an adapter's own, as vLLM
         self.prompt_ids = ids
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -339,13 +338,14 @@ async def chat_completions(
     by the chat template (`<usr>{question}<sys>{answer}</s>` turns unless configured) and the
     answer ends at `</s>` or at the next `<usr>`. Any generate option may be added as an extra
     field (the `openai` package's `extra_body`)."""
-    lora_name = select_model(state, body.model)
+    target = select_model(state, body.model)
     check_request_fields(body, request.url.path)
     ids, text = chat_prompt(state, body.messages, body)
-    options, renames, n = chat_options(state, body, ids)
-    params = build_params(state, options, len(ids), renames, logprobs=bool(body.logprobs))
+    options, renames, n = chat_options(state, body, ids, target)
+    params = build_params(
+        state, options, len(ids), renames, logprobs=bool(body.logprobs), target=target
+    )
     apply_output_flags(params, body)
-    params.lora_name = lora_name
     if body.stream and body.prompt_logprobs:  # vLLM's rule: no place for them in the chunks
         raise APIError(
             400, "`prompt_logprobs` are not available when `stream=True`.", field="prompt_logprobs"
@@ -354,7 +354,7 @@ async def chat_completions(
         params.prompt_logprobs = body.prompt_logprobs
     request_id = getattr(request.state, "request_id", "-")
     ctx = RequestContext(request.url.path, request_id, body.user, text)
-    builder = ChatBuilder(state, body, ids, n, lora_name)
+    builder = ChatBuilder(state, body, ids, n, target.name)
     admit(state)
     if body.stream:
         return SSEResponse(builder.events(ctx, ids, params), cutoff=state.cutoff)

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Body, Depends, Request
 
 from app.api.body_checks import OffLoopBodyRoute
 from app.api.errors import APIError
+from app.api.model_selection import select_adapter
 from app.api.protocol.fewshot import (
     FEW_SHOT_EXAMPLE,
     FewShotRenderResponse,
@@ -23,7 +24,6 @@ from app.api.protocol.fewshot import (
     FewShotTemplate,
 )
 from app.api.routes.generate import ERRORS, Prepared, build_response, context, tgi_events
-from app.api.routes.openai import select_adapter
 from app.api.serving import (
     admit,
     build_params,
@@ -122,8 +122,8 @@ def prepare(state: ServerState, body: FewShotRequest) -> Prepared:
         options["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
     if default_stops(body.template):
         options["stop_strings"] = stop_strings(options, body.template)
-    params = build_params(state, options, len(ids), {"inputs": "prompt", **renames})
-    params.lora_name = select_adapter(state, body.parameters.adapter_id)
+    target = select_adapter(state, body.parameters.adapter_id)
+    params = build_params(state, options, len(ids), {"inputs": "prompt", **renames}, target=target)
     admit(state)
     return Prepared(ids, prompt, params, body.parameters)
 

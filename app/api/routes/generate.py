@@ -20,6 +20,7 @@ from fastapi import APIRouter, Body, Depends, Request
 
 from app.api.body_checks import OffLoopBodyRoute
 from app.api.errors import APIError
+from app.api.model_selection import select_adapter
 from app.api.protocol.tgi import (
     BestOfSequence,
     Details,
@@ -31,7 +32,6 @@ from app.api.protocol.tgi import (
     StreamResponse,
     Token,
 )
-from app.api.routes.openai import select_adapter
 from app.api.serving import (
     Completion,
     RequestContext,
@@ -55,7 +55,7 @@ from app.state import ServerState, get_state
 router = APIRouter(tags=["text-generation (TGI)"], route_class=OffLoopBodyRoute)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)
+    code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 500, 503)
 }
 STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {
@@ -129,11 +129,17 @@ def prepare(state: ServerState, body: GenerateRequest, stream: bool = False) -> 
     renames = {"inputs": field, **renames}
     # Streams show every token's log-prob, details show them (ranking: build_params).
     wanted = stream or body.parameters.details
+    target = select_adapter(state, body.parameters.adapter_id)
     params = build_params(
-        state, options, len(prompt_ids), renames, exact_lane=not stream, logprobs=wanted
+        state,
+        options,
+        len(prompt_ids),
+        renames,
+        exact_lane=not stream,
+        logprobs=wanted,
+        target=target,
     )
     follow_tgi(params)
-    params.lora_name = select_adapter(state, body.parameters.adapter_id)
     if body.parameters.details and body.parameters.decoder_input_details and not stream:
         params.prompt_logprobs = 0  # details.prefill: each prompt token's log-prob (TGI)
     exact = exact_outputs(options)

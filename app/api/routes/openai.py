@@ -17,21 +17,25 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.body_checks import OffLoopBodyRoute
 from app.api.errors import APIError
+from app.api.model_selection import (
+    check_model,
+    default_eos_ids,
+    model_names,
+    select_model,
+)
 from app.api.protocol.openai import (
     CompletionChoice,
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
-    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     OpenAIErrorResponse,
-    UnloadLoRAAdapterRequest,
     Usage,
 )
 from app.api.protocol.openai_options import (
@@ -65,12 +69,6 @@ from app.api.serving import (
     token_steps,
 )
 from app.api.streaming import DONE, SSEResponse, guarded, sse_event
-from app.engine.lora_registry import (
-    LoRALimitError,
-    LoRALoadError,
-    LoRANameError,
-    LoRANotFoundError,
-)
 from app.engine.outputs import PromptLogprob
 from app.options.params import SamplingParams
 from app.options.routing import exact_outputs
@@ -130,72 +128,6 @@ class Job:
     def waits_for_prompt(self) -> bool:
         """Whether the echo needs the engine's prompt log-probs (sent with its first output)."""
         return self.params is not None and self.params.prompt_logprobs is not None
-
-
-def served_names(state: ServerState) -> list[str]:
-    """The names `model` may take (--served-model-name aliases); the first is reported."""
-    names = state.settings.served_model_names
-    return names if state.model_name in names else [state.model_name, *names]
-
-
-def adapter_names(state: ServerState) -> list[str]:
-    """The LoRA adapters served now (--lora-modules, /v1/load_lora_adapter)."""
-    return state.engine.engine.lora.names()
-
-
-def check_model(state: ServerState, model: str | None, strict: bool | None = None) -> None:
-    """One model is served: any name means it (TGI's behaviour, what InferenceClient and
-    LangChain's ChatHuggingFace rely on), unless --strict-model-name (or `strict`); a LoRA
-    adapter's name is served too (select_model)."""
-    strict = state.settings.strict_model_name if strict is None else strict
-    if model is None or not strict or model in served_names(state):
-        return
-    adapters = adapter_names(state)
-    if model in adapters:
-        return
-    served = ", ".join(f"`{name}`" for name in [state.model_name, *adapters])
-    raise APIError(
-        404,
-        f"The model `{model}` does not exist: this server serves {served}",
-        "not_found",
-        field="model",
-        code="model_not_found",
-    )
-
-
-def select_adapter(state: ServerState, adapter_id: str | None) -> str | None:
-    """TGI's `parameters.adapter_id`: a loaded LoRA adapter's name, or the model's own name
-    (or null) for the base model; any other name is a 404 listing the served ones."""
-    if adapter_id is None or adapter_id in served_names(state):
-        return None
-    adapters = adapter_names(state)
-    if adapter_id in adapters:
-        return adapter_id
-    served = ", ".join(f"`{name}`" for name in [state.model_name, *adapters])
-    raise APIError(
-        404,
-        f"no model or LoRA adapter named `{adapter_id}` is served: this server serves {served}",
-        "not_found",
-        field="adapter_id",
-    )
-
-
-def select_model(state: ServerState, model: str | None, strict: bool | None = None) -> str | None:
-    """The LoRA adapter `model` names (a request's params.lora_name), or None for the base
-    model: its names, and (without --strict-model-name) any name that is no adapter's."""
-    if model is not None and model not in served_names(state) and model in adapter_names(state):
-        return model
-    check_model(state, model, strict)
-    return None
-
-
-def default_eos_ids(state: ServerState) -> list[int]:
-    """The checkpoint's eos ids, as generate takes them (generation_config, else the
-    tokenizer's)."""
-    eos = state.generation_defaults().get("eos_token_id")
-    if eos is None:
-        eos = state.tokenizer.eos_token_id
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def check_prompt_fits(
@@ -307,10 +239,10 @@ class Builder:
         body: CompletionRequest,
         jobs: list[Job],
         n: int,
-        lora_name: str | None = None,
+        model_name: str | None = None,
     ):
         self.state, self.body, self.jobs, self.n = state, body, jobs, n
-        self.model_name = lora_name or state.model_name  # the adapter's name, as vLLM
+        self.model_name = model_name or state.model_name  # an adapter's own, as vLLM
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.echo = bool(body.echo)
@@ -472,10 +404,10 @@ async def completions(
 ) -> Any:
     """OpenAI's legacy completions API. Any generate option may be added as an extra field
     (the `openai` package's `extra_body`)."""
-    lora_name = select_model(state, body.model)
+    target = select_model(state, body.model)
     check_request_fields(body, request.url.path)
     options, renames, n = completion_options(body)
-    apply_stop_token_ids(options, renames, body.stop_token_ids, default_eos_ids(state))
+    apply_stop_token_ids(options, renames, body.stop_token_ids, default_eos_ids(state, target))
     new_tokens = options["max_new_tokens"]
     prompts = await run_in_threadpool(prompt_list, state, body, new_tokens)  # off the loop
     exact = exact_outputs(options)  # output_attentions / output_hidden_states: exact lane
@@ -494,7 +426,9 @@ async def completions(
                     raise APIError(422, message, "validation", "max_tokens")
                 if prompt_k is not None:  # the prompt's log-probs: a prefill, nothing sampled
                     one = {**options, "max_new_tokens": 1, "num_return_sequences": 1}
-                    params = build_params(state, one, len(ids), {**renames, "inputs": field})
+                    params = build_params(
+                        state, one, len(ids), {**renames, "inputs": field}, target=target
+                    )
                     prompt_only(params, len(ids))
             else:
                 renames_here = {**renames, "inputs": field}
@@ -506,13 +440,13 @@ async def completions(
                     renames_here,
                     exact_lane=not body.stream,
                     logprobs=body.logprobs is not None,  # token_logprobs shown
+                    target=target,
                 )
                 apply_output_flags(params, body)
                 if exact:
                     check_diagnostics_cap(state, len(ids), params, exact)
             if params is not None:
                 params.prompt_logprobs = prompt_k
-                params.lora_name = lora_name
             ctx = RequestContext(request.url.path, request_id, body.user, text)
             jobs.append(Job(ids, text, params, ctx, prompt_only=options["max_new_tokens"] == 0))
         return jobs
@@ -521,7 +455,7 @@ async def completions(
     # them held /health for 0.1 s and more), as their tokenization is.
     jobs = await run_in_threadpool(build_jobs) if len(prompts) > 8 else build_jobs()
     check_request_sequences(state, sum(sequences_of(j.params) for j in jobs))
-    builder = Builder(state, body, jobs, n, lora_name)
+    builder = Builder(state, body, jobs, n, target.name)
     if any(j.params is not None for j in jobs):
         admit(state)
     if body.stream:
@@ -548,88 +482,26 @@ async def completions(
 
 
 def model_card(state: ServerState, name: str | None = None) -> ModelCard:
+    """vLLM's card: an adapter's has its path as `root` and its base model as `parent`."""
     served = state.engine.engine.lora.served()
-    if name is not None and name in served and name not in served_names(state):
+    created, max_len = int(state.started_at), state.max_total_tokens
+    if name is not None and name in served:  # adapters never take a model's name
+        base = state.models[served[name].base]
+        root = served[name].adapter.path
         return ModelCard(
-            id=name,
-            created=int(state.started_at),
-            max_model_len=state.max_total_tokens,
-            root=served[name].adapter.path,
-            parent=state.model_name,
+            id=name, created=created, max_model_len=max_len, root=root, parent=base.name
         )
-    return ModelCard(
-        id=name or state.model_name,
-        created=int(state.started_at),
-        max_model_len=state.max_total_tokens,
-    )
+    model = next((m for m in state.models if name in m.names), state.models[0])
+    return ModelCard(id=name or model.name, created=created, max_model_len=max_len, root=model.path)
 
 
 @router.get("/models", response_model=ModelList, responses=_AUTH_ERRORS, summary="List models")
 async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
-    """The served model, one card per --served-model-name alias (as vLLM lists them; the
-    first is the name responses report), then one card per LoRA adapter, with `parent` the
-    base model's id (vLLM's shape)."""
-    names = [*served_names(state), *adapter_names(state)]
+    """The default model, one card per --served-model-name alias (as vLLM lists them; the
+    first is the name responses report), the other full models (--model NAME=PATH), then
+    one card per LoRA adapter, with `parent` its base model's id (vLLM's shape)."""
+    names = model_names(state)
     return ModelList(data=[model_card(state, name) for name in names])
-
-
-# vLLM answers the adapter routes' success in plain text (errors: the /v1 JSON envelope).
-_PLAIN_SUCCESS: dict[str, Any] = {
-    "description": "Plain text: `Success: LoRA adapter '<name>' ... successfully.`",
-    "content": {"text/plain": {"schema": {"type": "string"}}},
-}
-
-
-def _lora_error(exc: Exception, field: str) -> APIError:
-    if isinstance(exc, LoRANotFoundError):
-        return APIError(404, str(exc), "not_found", field=field, code="model_not_found")
-    return APIError(400, str(exc), "validation", field=field)
-
-
-@router.post(
-    "/load_lora_adapter",
-    responses={
-        200: _PLAIN_SUCCESS,
-        **{code: {"model": OpenAIErrorResponse} for code in (400, 401, 422)},
-    },
-    summary="Load a LoRA adapter (vLLM)",
-)
-async def load_lora_adapter(
-    body: LoadLoRAAdapterRequest, state: ServerState = Depends(get_state)
-) -> PlainTextResponse:
-    """Load a peft LoRA adapter of this base model under `lora_name`; requests then select
-    it by that name (`model`, TGI's `parameters.adapter_id`). 400: a path that is not a peft
-    LoRA adapter, an adapter that does not fit the base model (shapes, rank), a name already
-    loaded or the base model's, or --max-loras adapters loaded."""
-    registry = state.engine.engine.lora
-    try:  # reads and checks the files: off the event loop
-        await run_in_threadpool(registry.load, body.lora_name, body.lora_path)
-    except LoRALoadError as exc:
-        raise _lora_error(exc, "lora_path") from exc
-    except (LoRANameError, LoRALimitError) as exc:
-        raise _lora_error(exc, "lora_name") from exc
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
-
-
-@router.post(
-    "/unload_lora_adapter",
-    responses={
-        200: _PLAIN_SUCCESS,
-        **{code: {"model": OpenAIErrorResponse} for code in (400, 401, 404, 422)},
-    },
-    summary="Unload a LoRA adapter (vLLM)",
-)
-async def unload_lora_adapter(
-    body: UnloadLoRAAdapterRequest, state: ServerState = Depends(get_state)
-) -> PlainTextResponse:
-    """Stop serving an adapter: new requests for it get a 404 (or the base model, without
-    --strict-model-name, like any unknown name), while the requests already running with it
-    finish with it. 404: no adapter of that name is loaded."""
-    try:
-        state.engine.engine.lora.unload(body.lora_name)
-    except LoRANotFoundError as exc:
-        raise _lora_error(exc, "lora_name") from exc
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 @router.get(

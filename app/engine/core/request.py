@@ -97,6 +97,9 @@ class Request:
     # namespace (0: the base): KV computed under one adapter is never reused by another.
     lora: Any = None
     cache_salt: int = 0
+    # Which of the server's full models runs it (0: the default; the scheduler admits the
+    # models' waiting requests in turn, the model runner runs one forward per model).
+    model: int = 0
 
     @property
     def live_seqs(self) -> list[Sequence]:

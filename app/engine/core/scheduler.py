@@ -6,7 +6,7 @@ output is plain data (ids, counts, block ids) so the scheduler is tested with in
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ class ScheduledSeq:
     prompt_targets: list[int] = field(default_factory=list)
     prompt_top_n: int = 0
     lora: Any = None  # the request's LoRA adapter (Request.lora); None: the base model
+    model: int = 0  # the request's full model (Request.model)
 
     @property
     def all_logits(self) -> bool:
@@ -67,6 +68,7 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.waiting: deque[Request] = deque()
+        self._waiting_models: Counter[int] = Counter()  # waiting requests per full model
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
@@ -102,6 +104,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self._waiting_models[request.model] += 1
 
     def finish_sequence(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
@@ -115,7 +118,7 @@ class Scheduler:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         else:
-            self.waiting.remove(request)
+            self._unwait(request)
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = reason
@@ -173,9 +176,13 @@ class Scheduler:
             budget -= self._emit(request, live, plan, out, drafts)
             num_seqs += len(live)
 
-        # Then waiting requests in strict FCFS order while budget, seats and blocks last.
+        # Then waiting requests in FCFS order (with several models: the models in turn, see
+        # _next_waiting) while budget, seats and blocks last.
+        seats = Counter[int]()
+        for running in self.running:
+            seats[running.model] += len(running.live_seqs)
         while self.waiting and not out.preempted:
-            request = self.waiting[0]
+            request = self._next_waiting(seats)
             live = request.live_seqs
             if budget < len(live) or num_seqs + len(live) > self.config.max_num_seqs:
                 break
@@ -198,7 +205,8 @@ class Scheduler:
                 for seq in live:
                     seq.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            self._unwait(request)
+            seats[request.model] += len(live)
             if request.num_preemptions == 0:
                 request.num_cached_tokens = max(s.num_computed_tokens for s in live)
             request.status = RequestStatus.RUNNING
@@ -261,6 +269,25 @@ class Scheduler:
         return None if seq is None or seq.is_finished else seq
 
     # -- helpers -------------------------------------------------------------------------
+    def _unwait(self, request: Request) -> None:
+        if self.waiting and self.waiting[0] is request:
+            self.waiting.popleft()
+        else:
+            self.waiting.remove(request)
+        self._waiting_models[request.model] -= 1
+
+    def _next_waiting(self, seats: Counter[int]) -> Request:
+        """The waiting request to admit next. One model waiting (the usual case): the
+        oldest. Several: the oldest of the models with the fewest running sequences, so a
+        flood of requests for one model cannot keep another model's requests waiting (each
+        model's own requests stay FCFS). A preempted request (at the front) goes first."""
+        head = self.waiting[0]
+        models = [m for m, n in self._waiting_models.items() if n > 0]
+        if head.num_preemptions or len(models) < 2:
+            return head
+        fewest = min(seats[m] for m in models)
+        return next(r for r in self.waiting if seats[r.model] == fewest)
+
     @staticmethod
     def _plan_chunks(live: list[Sequence], budget: int) -> list[int]:
         """Tokens per sequence this step; a request samples only when all its seqs finish.
@@ -360,6 +387,7 @@ class Scheduler:
                     prompt_targets=targets,
                     prompt_top_n=request.prompt_logprobs or 0,
                     lora=request.lora,
+                    model=request.model,
                 )
             )
             used += n + len(drafts)
@@ -376,4 +404,5 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+        self._waiting_models[request.model] += 1
         out.preempted.append(request.request_id)
