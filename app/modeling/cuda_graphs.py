@@ -15,6 +15,15 @@ than the largest batch) run the varlen forward.
 
 Where nothing is captured (``capture`` is CUDA only) ``run`` executes the same padded forward
 eagerly: CPU tests check everything here except the capture and replay calls themselves.
+
+SDPA backends: the gather path's attention is one SDPA call, whose kernel torch picks by
+heuristics when the call is made, and a graph replays whatever was picked at capture. The
+capture (its warm-ups included) and the eager padded forward run under ``decode_sdpa_backends``:
+flash, then memory-efficient, then math as the last resort, in that priority (cuDNN's
+attention, which recent torch tries first on Hopper, is left out), so the captured kernels
+are the ones this list names and an eager step of a shape picks as its graph did. The
+context manager sets torch's global backend flags only for these calls; prefill and the
+varlen forward keep torch's defaults.
 """
 
 from __future__ import annotations
@@ -22,8 +31,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.modeling.gpt2 import PagedGPT2
 from app.modeling.kv_cache import KVCache
@@ -41,6 +52,17 @@ logger = logging.getLogger("kogpt.engine")
 
 GIB = 2**30
 PROGRESS_LINES = 10  # capture progress is logged about this many times
+# SDPA kernels the padded decode may use, in priority order (see the module doc).
+DECODE_SDPA_BACKENDS = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def decode_sdpa_backends() -> AbstractContextManager[object]:
+    """The padded decode's SDPA backends pinned (captures and eager padded steps)."""
+    return sdpa_kernel(DECODE_SDPA_BACKENDS, set_priority=True)
 
 
 class DecodeGraphs:
@@ -104,17 +126,19 @@ class DecodeGraphs:
 
     def run(self, shape: DecodeShape, rows: list[int]) -> torch.Tensor:
         """Logits of ``rows`` (from ``prepare``) as a new tensor: the static output is
-        rewritten by the next step."""
+        rewritten by the next step. No host-device transfer: ``prepare`` copied ``rows`` in
+        with the step's inputs."""
         graph = self.graphs.get(shape)
         if graph is None:
-            logits = decode_forward(self.model, self.kv, self.buffers, shape)
+            with decode_sdpa_backends():
+                logits = decode_forward(self.model, self.kv, self.buffers, shape)
         else:
             graph.replay()
             logits = self.buffers.logits[: shape.batch_size]
         self.num_padded_steps += 1
         if rows == list(range(len(rows))):
             return logits[: len(rows)].clone()
-        return logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
+        return logits.index_select(0, self.buffers.sampled_rows[: len(rows)])
 
     def capture(self) -> None:
         """Capture a graph for every ladder shape (CUDA only), logging progress."""
@@ -126,7 +150,7 @@ class DecodeGraphs:
         started, reserved = time.monotonic(), torch.cuda.memory_reserved(device)
         self.buffers.fill([], shapes[0])  # padding rows only: captures write the scratch block
         # torch.cuda.graph captures on a side stream of the current device: the model's.
-        with torch.cuda.device(device):
+        with torch.cuda.device(device), decode_sdpa_backends():
             pool = torch.cuda.graph_pool_handle()
             for done, shape in enumerate(shapes, 1):
                 decode_forward(self.model, self.kv, self.buffers, shape)  # warm-up, not captured

@@ -13,6 +13,7 @@ and ``triton_available()`` says whether that can work here. The model uses the o
 (``PagedGPT2.decode_kernel``); the CPU keeps its C kernel (app/modeling/native.py).
 """
 
+import contextlib
 import functools
 import importlib
 
@@ -107,9 +108,14 @@ def paged_decode_attention(
     if not ok:
         raise RuntimeError(f"the Triton paged attention kernel cannot run: {why}")
     kernels = importlib.import_module(_KERNEL_MODULE)
-    kernels.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, context_lens, rows, out, block_size, max_context, scale
-    )
+    # Triton launches on the thread's current CUDA device, not the tensors' (torch ops guard
+    # their own): the engine thread's is device 0 whatever --device cuda:N made current on
+    # the thread that loaded the model.
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        kernels.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, rows, out, block_size,
+            max_context, scale,
+        )  # fmt: skip
 
 
 @paged_decode_attention.register_fake

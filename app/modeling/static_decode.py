@@ -3,9 +3,9 @@
 A CUDA graph replays recorded kernels on recorded addresses, so everything a step reads must
 sit in buffers allocated once, and every shape must be known when the graph is captured.
 This module gives such a step. When every scheduled sequence computes exactly one token, the
-batch is padded to a size of ``batch_ladder``; the step's ints are copied into
-``DecodeBuffers`` (the only per-step host work) and ``decode_forward`` runs fixed-shape ops
-only:
+batch is padded to a size of ``batch_ladder``; the step's ints are packed into one host
+tensor (pinned on CUDA) and copied into ``DecodeBuffers`` with one non-blocking copy (the only
+per-step host work; no sync) and ``decode_forward`` runs fixed-shape ops only:
 
 - the new K/V are written with ``index_copy_`` to the slot mapping;
 - attention, one of two ways:
@@ -48,6 +48,8 @@ BATCH_LADDER_LIMIT = 512
 # Smallest padded context in blocks (128 keys at block size 16): shorter buckets would
 # multiply the graphs for a saving of a few masked keys per row.
 SMALLEST_CONTEXT_BUCKET = 8
+# Per-row ints of the static input buffer: ids, positions, slots, context lengths, sampled rows.
+PER_ROW_INTS = 5
 
 
 class DecodeChunk(Protocol):
@@ -120,11 +122,22 @@ def padded_shape(
     return DecodeShape(next(b for b in batch_sizes if b >= len(seqs)), nb)
 
 
+def host_staging(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One step's packed inputs for ``device`` as a host tensor: pinned when that is CUDA, so
+    ``copy_(..., non_blocking=True)`` is an asynchronous DMA that neither waits for the
+    device nor makes it wait. A fresh pinned block per step from torch's caching host
+    allocator, which keeps a block from reuse until the copies recorded on it have completed:
+    the next step's packing cannot overwrite a copy still in flight."""
+    staged = torch.from_numpy(host)
+    return staged.pin_memory() if device.type == "cuda" else staged
+
+
 class DecodeBuffers:
     """The padded decode's static inputs and output, allocated once at the largest shape.
 
-    The ints live in one tensor (ids | positions | slots | context lengths, ``max_batch``
-    each, then ``bs * nb`` block ids), so a step's inputs reach the device in one copy.
+    The ints live in one tensor (ids | positions | slots | context lengths | sampled rows,
+    ``max_batch`` each, then ``bs * nb`` block ids), so a step's inputs reach the device in
+    one non-blocking copy from a pinned host tensor (``host_staging``).
     """
 
     def __init__(
@@ -142,11 +155,13 @@ class DecodeBuffers:
         self.block_size, self.scratch_block = block_size, scratch_block
         self.paged = paged
         self.ints = torch.zeros(
-            4 * max_batch + max_batch * max_blocks, dtype=torch.long, device=dev
+            PER_ROW_INTS * max_batch + max_batch * max_blocks, dtype=torch.long, device=dev
         )
-        per_row = self.ints[: 4 * max_batch].view(4, max_batch)
-        self.input_ids, self.positions, self.slot_mapping, self.context_lens = per_row
-        self.block_ids = self.ints[4 * max_batch :]
+        per_row = self.ints[: PER_ROW_INTS * max_batch].view(PER_ROW_INTS, max_batch)
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = per_row[:4]
+        # The rows whose logits are sampled (DecodeGraphs.run's gather when some are not).
+        self.sampled_rows = per_row[4]
+        self.block_ids = self.ints[PER_ROW_INTS * max_batch :]
         self.key_positions = torch.arange(max_blocks * block_size, device=dev)
         row = block_size * model.n_embd  # one block of one layer's keys (B * H * hd)
         gathered = 0 if paged else max_batch * max_blocks
@@ -162,9 +177,10 @@ class DecodeBuffers:
         bs, nb, B = shape.batch_size, shape.num_blocks, self.block_size
         if len(seqs) > bs or bs > self.max_batch or nb > self.max_blocks:
             raise ValueError(f"{len(seqs)} sequences do not fit {shape}")
-        host = np.zeros(4 * self.max_batch + bs * nb, dtype=np.int64)
-        ids, pos, slots, ctx = host[: 4 * self.max_batch].reshape(4, self.max_batch)
-        table = host[4 * self.max_batch :].reshape(bs, nb)
+        per_row = PER_ROW_INTS * self.max_batch
+        host = np.zeros(per_row + bs * nb, dtype=np.int64)
+        ids, pos, slots, ctx, sampled = host[:per_row].reshape(PER_ROW_INTS, self.max_batch)
+        table = host[per_row:].reshape(bs, nb)
         table.fill(self.scratch_block)  # padded entries and padding rows read the scratch block
         slots[:bs] = self.scratch_block * B  # padding rows write its first slot ...
         ctx[:bs] = 1  # ... and see that one key only
@@ -176,8 +192,11 @@ class DecodeBuffers:
             ids[i], pos[i], ctx[i] = s.token_ids[0], p, p + 1
             slots[i] = s.block_table[p // B] * B + p % B
             table[i, :used] = s.block_table[:used]
-        self.ints[: host.size].copy_(torch.from_numpy(host))
-        return [i for i, s in enumerate(seqs) if s.sample]
+        rows = [i for i, s in enumerate(seqs) if s.sample]
+        sampled[: len(rows)] = rows
+        # The step's one host-to-device transfer: asynchronous from pinned memory on CUDA.
+        self.ints[: host.size].copy_(host_staging(host, self.ints.device), non_blocking=True)
+        return rows
 
 
 @torch.inference_mode()

@@ -18,6 +18,7 @@ Run on a GPU host with `python -m pytest -m gpu tests/gpu -q` (or `make gpu-chec
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -27,6 +28,9 @@ from app.config import Settings
 from app.engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.model_runner import ModelRunner
+from app.engine.sample.group_sampling import sample_chunk
+from app.engine.sample.row import SamplingRow, make_generator
+from app.engine.sample.sampler import Sampler
 from app.modeling.attention_metadata import SeqChunk, build_step_input
 from app.modeling.loader import DEFAULT_MODEL_DIR, load_model
 from app.modeling.paged_attention_op import paged_decode_attention
@@ -220,10 +224,10 @@ def test_kv_pool_sized_from_free_memory_counts_the_decode_graphs() -> None:
 
 def test_the_forward_itself_never_waits_for_the_gpu(loaded) -> None:  # type: ignore[no-untyped-def]
     """Under torch.cuda.set_sync_debug_mode("error") any synchronizing call raises: the padded
-    decode (eager, and replayed with its logits copied out) and the varlen forward over a step
-    built beforehand have none. (The step's inputs reach the device before: one copy of the
-    packed ints in DecodeBuffers.fill, the .to(device) copies of build_step_input; the
-    sampler's reads follow the forward.)"""
+    decode's input copy (one non-blocking copy from pinned memory in DecodeBuffers.fill), the
+    decode itself (eager, and replayed with its logits copied out) and the varlen forward
+    over a step built beforehand have none. (build_step_input's .to(device) copies come
+    before; the sampler's one read follows the forward: see the next test.)"""
     runner = ModelRunner(loaded.model, 64, 16, max_num_seqs=4)
     prompts = [long_prompt(loaded, 200), long_prompt(loaded, 37)]
     tables = [list(range(0, 13)), list(range(13, 16))]
@@ -237,16 +241,66 @@ def test_the_forward_itself_never_waits_for_the_gpu(loaded) -> None:  # type: ig
     assert graphs is not None
     shape = graphs.shape_for(seqs)
     assert shape is not None
-    rows = graphs.prepare(seqs, shape)
     step = build_step_input(
         seqs, 16, runner.device, max_positions=1024, paged_decode=runner.model.paged_decode
     )
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        rows = graphs.prepare(seqs, shape)
         graphs.run(shape, rows)  # replay + a copy of the sampled rows' logits
         decode_forward(runner.model, runner.kv_cache, graphs.buffers, shape)
         runner.model(step, runner.kv_cache)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize(
+    "jobs",
+    [
+        [{"do_sample": False}] * 3,
+        [
+            {"do_sample": True, "top_k": 20, "top_p": 0.9, "seed": 3},
+            {"do_sample": False, "top_n_tokens": 3},
+            {"do_sample": True, "temperature": 0.7, "top_k": 5},
+        ],
+    ],
+    ids=["greedy", "mixed"],
+)
+def test_a_decode_step_syncs_once(loaded, jobs: list[dict[str, Any]]) -> None:  # type: ignore[no-untyped-def]
+    """A whole decode step (padded inputs in, graph replay, the batched sampler call, its
+    results out) makes one synchronizing call: the copy back of tokens, log-probs and checks
+    (tests/unit/test_host_syncs.py counts every transfer, syncing or not, on fake CUDA)."""
+    runner = ModelRunner(loaded.model, 64, 16, max_num_seqs=4)
+    sampler = Sampler(torch.Generator(device=CUDA).manual_seed(0))
+    prompts = [long_prompt(loaded, n) for n in (40, 17, 90)]
+    tables = [list(range(8 * i, 8 * i + 8)) for i in range(3)]
+    runner.execute(
+        SchedulerOutput(
+            [ScheduledSeq(i, f"r{i}", p, 0, tables[i], True) for i, p in enumerate(prompts)]
+        )
+    )
+    rows = []
+    for job, p in zip(jobs, prompts, strict=True):
+        params = resolve_sampling_params(job, {"eos_token_id": 1}, 1024, len(p))
+        gen = make_generator(params.seed, CUDA) if params.seed is not None else None
+        rows.append(SamplingRow.from_params(params, [*p, 5], len(p), gen))
+    decode = SchedulerOutput(
+        [ScheduledSeq(i, f"r{i}", [5], len(p), tables[i], True) for i, p in enumerate(prompts)]
+    )
+    chunk = [(None, [None] * 3, rows, [0, 1, 2])]
+    counted: list[int] = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                picks = sample_chunk(sampler, runner.execute_step(decode).logits, chunk)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        counted.append(sum("synchronizing CUDA operation" in str(w.message) for w in caught))
+        assert len(picks) == 3
+    assert runner.decode_graphs is not None and runner.decode_graphs.num_padded_steps == 2
+    assert counted == [1, 1]  # the first step's staged settings go non-blocking: no sync

@@ -14,6 +14,8 @@ Two things a fake tensor cannot do, handled here and nowhere else:
   `check_draws`.
 - the CUDA device guard that `int(t)` and Python indexing take in C++ (a CPU build has no
   CUDA guard): worked around in `fake_cuda`, the devices still checked.
+- pinned host memory (a CPU build has no pinned allocator): under `fake_cuda`,
+  `Tensor.pin_memory()` returns a copy marked as pinned, and `is_pinned()` reads the mark.
 
 Use `torch.device("cuda", 0)`, not "cuda": a device without an index asks the (absent)
 CUDA runtime for the current device.
@@ -74,10 +76,10 @@ def _without_device_guard(real: Any) -> Any:
     # each other.
     # (A CPU index into a CUDA tensor, or a CPU value copied into a slice of one, is allowed
     # on a GPU too.)
-    def call(self: torch.Tensor, *args: Any) -> Any:
+    def call(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         device = self.device
         if device.type != "cuda":
-            return real(self, *args)
+            return real(self, *args, **kwargs)
         swapped = [
             t
             for t in (self, *tree_leaves(args))
@@ -86,7 +88,7 @@ def _without_device_guard(real: Any) -> Any:
         for t in swapped:
             t.fake_device = _CPU
         try:
-            out = real(self, *args)
+            out = real(self, *args, **kwargs)
         finally:
             for t in swapped:
                 t.fake_device = device
@@ -95,6 +97,17 @@ def _without_device_guard(real: Any) -> Any:
         return out
 
     return call
+
+
+def _pin_memory(self: torch.Tensor, *args: Any) -> torch.Tensor:
+    # A CPU build has no pinned allocator: a copy (as pin_memory makes), marked as pinned.
+    pinned = self.clone()
+    pinned._fake_pinned = True  # type: ignore[attr-defined]
+    return pinned
+
+
+def _is_pinned(self: torch.Tensor, *args: Any) -> bool:
+    return bool(getattr(self, "_fake_pinned", False))
 
 
 @contextmanager
@@ -108,6 +121,8 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[_HostReads]:
     for name in ("__getitem__", "__setitem__", "__invert__", "copy_"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(FakeTensor, name, _without_device_guard(real), raising=False)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", _pin_memory)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", _is_pinned)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     reads = _HostReads()
     with mode, reads:

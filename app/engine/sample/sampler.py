@@ -24,6 +24,15 @@ top_k = 50) run them on their few surviving entries (top_k_rows.py, same bits as
 rows); the others go through logits_warpers on full rows. The sampler works on the rows
 grouped as greedy / full / top-k: the float32 copy HF makes is the gather into that order.
 
+Host-device traffic (CUDA): the call plans on the host first, stages every row selection and
+per-row setting the plain rows' device work reads (the gather into plan order, the warpers'
+rows and settings, the noise rows, the log-prob rows, the top-n rows) in `DeviceInputs`, and
+sends them in one non-blocking copy (none when they equal the previous call's). Everything the
+host needs back (tokens, their log-probs, the draw's validity check, the top-n ids and
+log-probs) comes back in one copy of one packed float64 tensor (ids below 2^53 and float32
+values are exact in it). Rows with logits options, guidance or grammar still make their own
+transfers (docs/ARCHITECTURE.md, "Host-device syncs of a decode step").
+
 Log-probs: `processed_logprobs` is log_softmax of the processed scores (HF's output_scores),
 the distribution the token was actually chosen from; top-n alternatives rank by it.
 `logprobs` is log_softmax of the raw float32 logits (HF's output_logits), computed only when
@@ -38,10 +47,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.sample.device_inputs import DeviceInputs, RowSelection, UploadCache
 from app.engine.sample.logits_processors import Extra, HFRowFallback, apply_post, apply_processors
-from app.engine.sample.logits_warpers import apply_warpers
+from app.engine.sample.logits_warpers import plan_warpers, run_warpers
 from app.engine.sample.row import SamplingRow
-from app.engine.sample.seeded_draw import NoiseFills, check_probs, gumbel_argmax
+from app.engine.sample.seeded_draw import NoiseFills, gumbel_argmax, probs_invalid, raise_invalid
 from app.engine.sample.top_k_rows import (
     TopKRows,
     draw_top_k_rows,
@@ -110,6 +120,8 @@ class Sampler:
         # Generator for unseeded sampling rows; None draws from torch's default generator.
         self.generator = generator
         self.fallback = HFRowFallback()
+        # The last call's staged inputs on the device, reused by a call with the same ones.
+        self.uploads = UploadCache()
 
     def _before_warpers(
         self, scores: torch.Tensor, rows: Sequence[SamplingRow], touched: list[bool]
@@ -158,85 +170,127 @@ class Sampler:
         the float32 copy (HF's) is the gather into that order."""
         order = plan.order
         device = logits.device
-        if logits.dtype == torch.float32 and not plan.full and not plan.top_k and _read_only(rows):
-            scores = logits  # nothing writes to the scores: no copy (a greedy batch's case)
-        elif order == list(range(len(rows))):
-            scores = logits.to(dtype=torch.float32, copy=True)
-        else:
-            scores = logits.index_select(0, torch.tensor(order, device=device))
-            scores = scores.to(torch.float32)
+        vocab = logits.shape[-1]
         prow = [rows[i] for i in order]
         ng, nf, size = len(plan.greedy), len(plan.greedy) + len(plan.full), len(rows)
+        # Host plan first: what the device work below reads is staged for one copy. Rows of
+        # the (CPU-only) top-k path are known after their warpers ran: those plan late.
+        inputs = DeviceInputs(device, self.uploads)
+        gather = None if order == list(range(size)) else inputs.rows(order)
+        sampled = list(range(ng, nf))
+        early = nf == size  # no top-k path rows: every selection is known now
+        warp_stages = plan_warpers(prow, sampled, vocab, inputs) if early and sampled else []
+        draw_rows = inputs.rows(sampled)
+        noise_rows = inputs.rows([fills.row[noise_of[order[p]]] for p in sampled])
+        logprob_rows = [m for m in range(nf) if prow[m].logprob]
+        logprob_sel = inputs.rows(logprob_rows)
+        asking = [p for p, r in enumerate(prow) if r.top_n > 0]
+        asking_sel = inputs.rows(asking) if early else None
+        inputs.upload()
+
+        if logits.dtype == torch.float32 and not plan.full and not plan.top_k and _read_only(rows):
+            scores = logits  # nothing writes to the scores: no copy (a greedy batch's case)
+        elif gather is None:
+            scores = logits.to(dtype=torch.float32, copy=True)
+        else:
+            scores = gather.take(logits).to(torch.float32)
         touched = [False] * size
         extra = self._before_warpers(scores, prow, touched)
         top_k, fast, slow = None, [], []
         if nf < size:
             top_k, fast, slow = warp_top_k_rows(scores[nf:], prow[nf:])
             fast, slow = [nf + j for j in fast], [nf + j for j in slow]
-        full = list(range(ng, nf)) + slow
+        full = sampled + slow
         if full:
-            apply_warpers(scores, prow, full, touched)
+            if not early:
+                warp_stages = plan_warpers(prow, full, vocab, inputs)
+                draw_rows = inputs.rows(full)
+                noise_rows = inputs.rows([fills.row[noise_of[order[p]]] for p in full])
+            run_warpers(scores, warp_stages, touched)
         if extra:
             apply_post(scores, extra, touched, self.fallback)
         tokens = torch.empty(size, dtype=torch.long, device=device)
         logprobs = torch.full((size,), math.nan, dtype=torch.float32, device=device)
+        invalid: torch.Tensor | None = None  # read back with the tokens: multinomial's check
+        probs: torch.Tensor | None = None
         if ng:
             tokens[:ng] = torch.argmax(scores[:ng], dim=-1)
         if full:
-            idx = torch.tensor(full, device=device)
-            probs = torch.softmax(_rows(scores, full), dim=-1)
-            check_probs(probs)
-            noise = fills.rows([noise_of[order[p]] for p in full])
-            tokens[idx] = gumbel_argmax(probs, noise)
+            probs = torch.softmax(draw_rows.take(scores), dim=-1)
+            invalid = probs_invalid(probs)
+            draw_rows.put(tokens, gumbel_argmax(probs, noise_rows.take(fills.tensor())))
         if top_k is not None:
             idx = torch.tensor(fast, device=device)
-            noise_rows = [fills.row[noise_of[order[p]]] for p in fast]
+            noise_rows_k = [fills.row[noise_of[order[p]]] for p in fast]
             tokens[idx], logprobs[idx] = draw_top_k_rows(
-                top_k, fills.tensor(), noise_rows, fills.zero_rows()
+                top_k, fills.tensor(), noise_rows_k, fills.zero_rows()
             )
-        for members in (list(range(nf)), slow):  # every other row: a full-row log-softmax
-            members = [m for m in members if prow[m].logprob]
-            if members:
-                chosen = tokens[torch.tensor(members, device=device)][:, None]
-                lp = torch.log_softmax(_rows(scores, members), dim=-1).gather(1, chosen)
-                logprobs[torch.tensor(members, device=device)] = lp[:, 0]
+        slow_lp = [m for m in slow if prow[m].logprob]
+        for members, sel in ((logprob_rows, logprob_sel), (slow_lp, None)):
+            if members:  # every other row: a full-row log-softmax
+                sel = sel if sel is not None else inputs.rows(members)
+                chosen = sel.take(tokens)[:, None]
+                lp = torch.log_softmax(sel.take(scores), dim=-1).gather(1, chosen)
+                sel.put(logprobs, lp[:, 0])
+        top = self._top_n(scores, prow, asking, asking_sel, inputs, top_k, fast)
+        # The call's one device-to-host copy.
+        parts = [tokens, logprobs]
+        if invalid is not None:
+            parts.append(invalid.reshape(1))
+        if top is not None:
+            parts += [top[1].reshape(-1), top[2].reshape(-1)]
+        host = torch.cat([p.to(torch.float64) for p in parts]).to("cpu").tolist()
+        if invalid is not None and host[2 * size]:
+            assert probs is not None
+            raise_invalid(probs)  # multinomial's error for the first invalid row
         out = SamplerOutput(
-            _unpermute(tokens.tolist(), order),
-            _unpermute(logprobs.tolist(), order),
+            _unpermute([int(t) for t in host[:size]], order),
+            _unpermute(host[size : 2 * size], order),
             raw_logits=logits,
         )
-        out.top_token_ids, out.top_logprobs = self._top_n(scores, prow, order, top_k, fast)
+        out.top_token_ids = [[] for _ in prow]
+        out.top_logprobs = [[] for _ in prow]
+        if top is not None:
+            members, values, _ids = top
+            n = values.shape[-1]
+            at = 2 * size + int(invalid is not None)
+            flat_values = host[at : at + len(members) * n]
+            flat_ids = host[at + len(members) * n : at + 2 * len(members) * n]
+            for j, p in enumerate(members):
+                vals = flat_values[j * n : (j + 1) * n]
+                keep = [k for k in range(min(prow[p].top_n, n)) if math.isfinite(vals[k])]
+                out.top_token_ids[order[p]] = [int(flat_ids[j * n + k]) for k in keep]
+                out.top_logprobs[order[p]] = [vals[k] for k in keep]
         return out
 
     @staticmethod
     def _top_n(
         scores: torch.Tensor,
         prow: Sequence[SamplingRow],
-        order: list[int],
+        asking: list[int],
+        asking_sel: RowSelection | None,
+        inputs: DeviceInputs,
         top_k: TopKRows | None,
         fast: list[int],
-    ) -> tuple[list[list[int]], list[list[float]]]:
-        """Each asking row's top_n tokens under its processed log-probs (original row order)."""
-        ids: list[list[int]] = [[] for _ in prow]
-        lps: list[list[float]] = [[] for _ in prow]
-        asking = [p for p, r in enumerate(prow) if r.top_n > 0]
+    ) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+        """The asking rows' (plan positions) top n processed log-probs and their token ids,
+        on the device; n is the largest top_n asked (each row keeps its own)."""
         if not asking:
-            return ids, lps
+            return None
         in_fast = {p: j for j, p in enumerate(fast)}
         plain = [p for p in asking if p not in in_fast]
         sparse = [p for p in asking if p in in_fast]
-        parts = [_rows(scores, plain)] if plain else []
+        parts = []
+        if plain:
+            sel = asking_sel if asking_sel is not None and not sparse else inputs.rows(plain)
+            parts.append(sel.take(scores))
         if sparse:
             assert top_k is not None
             parts.append(top_k.full([in_fast[p] for p in sparse]))
         lp = torch.log_softmax(torch.cat(parts) if len(parts) > 1 else parts[0], dim=-1)
         n = min(max(prow[p].top_n for p in asking), lp.shape[-1])
         values, top = torch.topk(lp, n, dim=-1)
-        for p, vals, toks in zip(plain + sparse, values.tolist(), top.tolist(), strict=True):
-            keep = [k for k in range(min(prow[p].top_n, n)) if math.isfinite(vals[k])]
-            ids[order[p]] = [toks[k] for k in keep]
-            lps[order[p]] = [vals[k] for k in keep]
-        return ids, lps
+        return plain + sparse, values, top
 
 
 def _read_only(rows: Sequence[SamplingRow]) -> bool:
@@ -251,13 +305,6 @@ def _read_only(rows: Sequence[SamplingRow]) -> bool:
 def _check_shape(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
-
-
-def _rows(scores: torch.Tensor, members: list[int]) -> torch.Tensor:
-    """scores[members]: a view when they are consecutive, else a gather."""
-    if members == list(range(members[0], members[0] + len(members))):
-        return scores[members[0] : members[0] + len(members)]
-    return scores.index_select(0, torch.tensor(members, device=scores.device))
 
 
 def _unpermute(values: list, order: list[int]) -> list:
