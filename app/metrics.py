@@ -2,8 +2,14 @@
 
 Each app gets its own `ServerMetrics` with its own registry (several servers can live in one
 process, as in the tests); every series carries a `model` label. Request-side metrics are
-updated by the HTTP layer; engine-side ones are read from `LLMEngine.stats()` at scrape time,
-except the per-step batch size histogram, which is observed after every engine step.
+updated by the HTTP layer and labelled with the full model that ran the request (`--model`'s
+reported name; an adapter's request: its base model's, so the label's values are bounded by
+the models served, as vLLM's model_name; adapters show in kogpt_lora_requests_info); HTTP
+metrics of a request that selected no model (errors before the selection, routes that
+generate nothing) carry the default model's. Engine-side ones are read from the engine at
+scrape time, except the per-step batch size histogram, which is observed after every engine
+step; they are the server's totals, labelled with the default model's name, except the
+kogpt_model_* gauges, one series per full model.
 
 | metric | type | labels | meaning |
 | --- | --- | --- | --- |
@@ -18,6 +24,8 @@ except the per-step batch size histogram, which is observed after every engine s
 | kogpt_generation_tokens_total | counter | | tokens generated |
 | kogpt_requests_running | gauge | | requests in the running batch |
 | kogpt_requests_waiting | gauge | | requests waiting for admission |
+| kogpt_model_requests_running | gauge | | of kogpt_requests_running, those of each full model |
+| kogpt_model_requests_waiting | gauge | | requests of each full model in the scheduler's queue |
 | kogpt_kv_cache_usage_ratio | gauge | | used KV blocks / all KV blocks |
 | kogpt_kv_cache_blocks / _free_blocks | gauge | | KV cache size and free blocks |
 | kogpt_prefix_cache_queries_total | counter | | full prompt blocks looked up |
@@ -42,7 +50,9 @@ kogpt_cache_config_info (its model-server protocol; docker/k8s/inference-pool/).
 gauge has vLLM's lora_requests_info labels: running_lora_adapters and waiting_lora_adapters
 (comma-separated names of the LoRA adapters of running and of waiting requests; empty when
 only the base model runs) and max_lora (--max-loras); its value is when the label set last
-changed (the picker keeps the newest series).
+changed (the picker keeps the newest series). kogpt_requests_waiting also counts requests
+handed to the engine thread and not yet queued, which no model's kogpt_model_requests_waiting
+counts yet.
 """
 
 from __future__ import annotations
@@ -118,6 +128,8 @@ class EngineCollector(Collector):
         # the newest series).
         self.lora_info_since = time.time()
         self.lora_labels: tuple[str, str] = ("", "")
+        # The last per-model counts read whole (running, waiting), for a read that fails.
+        self.model_counts: tuple[list[int], list[int]] = ([], [])
 
     def collect(self) -> Iterator[Metric]:
         engine = self.async_engine.engine
@@ -134,7 +146,26 @@ class EngineCollector(Collector):
             family = family_type(name, doc, labels=["model"])
             family.add_metric([self.model], float(values[key]))
             yield family
+        yield from self.model_families()
         yield from self.info_families(block_size, int(stats["kv_total_blocks"]))
+
+    def model_families(self) -> Iterator[Metric]:
+        """Running and waiting requests of each full model, labelled with its reported name."""
+        engine = self.async_engine.engine
+        # The default model is index 0 (the engine may know it by no name).
+        names = [self.model, *engine.model_names[1:]]
+        # RuntimeError: the scheduler's queues changed while read; the last counts stay.
+        with contextlib.suppress(RuntimeError):
+            self.model_counts = engine.requests_by_model()
+        running, waiting = self.model_counts
+        for name, counts, doc in (
+            ("kogpt_model_requests_running", running, "Running requests of each full model."),
+            ("kogpt_model_requests_waiting", waiting, "Queued requests of each full model."),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            for index, model in enumerate(names):
+                family.add_metric([model], float(counts[index] if index < len(counts) else 0))
+            yield family
 
     def _lora_labels(self) -> tuple[str, str, str]:
         """(running, waiting, max_lora) label values; the value's timestamp moves when the
@@ -275,27 +306,43 @@ class ServerMetrics:
             self.step_host.labels(self.model).observe(timing.host)
 
     # -- HTTP side --------------------------------------------------------------------------
-    def observe_http(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(self.model, endpoint, str(status)).inc()
-        self.latency.labels(self.model, endpoint).observe(seconds)
+    # `model`: the full model's reported name (an adapter's request: its base model's);
+    # None: the default model's.
+    def observe_http(
+        self, endpoint: str, status: int, seconds: float, *, model: str | None = None
+    ) -> None:
+        label = model or self.model
+        self.requests.labels(label, endpoint, str(status)).inc()
+        self.latency.labels(label, endpoint).observe(seconds)
 
-    def observe_first_token(self, endpoint: str, seconds: float) -> None:
-        self.ttft.labels(self.model, endpoint).observe(seconds)
+    def observe_first_token(
+        self, endpoint: str, seconds: float, *, model: str | None = None
+    ) -> None:
+        self.ttft.labels(model or self.model, endpoint).observe(seconds)
 
-    def observe_inter_token(self, endpoint: str, seconds: float, tokens: int = 1) -> None:
-        child = self.itl.labels(self.model, endpoint)
+    def observe_inter_token(
+        self, endpoint: str, seconds: float, tokens: int = 1, *, model: str | None = None
+    ) -> None:
+        child = self.itl.labels(model or self.model, endpoint)
         per_token = seconds / max(tokens, 1)
         for _ in range(max(tokens, 1)):
             child.observe(per_token)
 
     def observe_finished(
-        self, endpoint: str, finish_reason: str, prompt_tokens: int, generated_tokens: int
+        self,
+        endpoint: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        generated_tokens: int,
+        *,
+        model: str | None = None,
     ) -> None:
-        self.finished.labels(self.model, endpoint, finish_reason).inc()
-        self.prompt_tokens.labels(self.model, endpoint).observe(prompt_tokens)
-        self.generation_tokens.labels(self.model, endpoint).observe(generated_tokens)
-        self.prompt_tokens_total.labels(self.model).inc(prompt_tokens)
-        self.generation_tokens_total.labels(self.model).inc(generated_tokens)
+        label = model or self.model
+        self.finished.labels(label, endpoint, finish_reason).inc()
+        self.prompt_tokens.labels(label, endpoint).observe(prompt_tokens)
+        self.generation_tokens.labels(label, endpoint).observe(generated_tokens)
+        self.prompt_tokens_total.labels(label).inc(prompt_tokens)
+        self.generation_tokens_total.labels(label).inc(generated_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

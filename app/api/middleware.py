@@ -6,8 +6,9 @@ In order: request id (X-Request-ID, taken from the client or made up), API key c
 body read deadline (408), a lone UTF-16 surrogate in the JSON (422, body_checks.py), a
 /v1/completions prompt list longer than --max-request-sequences (a body over 64 KiB is
 scanned in a worker thread before anything parses it), then the app; afterwards the HTTP
-metrics (count by endpoint and status, latency) and one structured access-log line. Errors
-are rendered in the route's error shape (errors.py).
+metrics (count by endpoint and status, latency; labelled with the full model the route
+selected, `note_request_model`, else the default model) and one structured access-log line.
+Errors are rendered in the route's error shape (errors.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import re
 import time
 import uuid
+from contextvars import ContextVar
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,6 +40,19 @@ PUBLIC_PROBES = frozenset({"/health", "/ready", "/metrics"})
 # The playground page and its assets are public static files (GET only: POST / is the API).
 PUBLIC_PAGE_PREFIX = "/playground"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# The HTTP request being served: its scope's state (what `request.state` reads and writes),
+# so code that serves it without the Request object can note what the metrics record. Tasks
+# a route starts copy the context, hence share the same dict.
+_REQUEST_STATE: ContextVar[dict[str, Any] | None] = ContextVar("kogpt_request_state", default=None)
+
+
+def note_request_model(name: str) -> None:
+    """Label the HTTP metrics of the request being served with the full model `name` (its
+    reported name; an adapter's request: its base model's). Outside a request: nothing."""
+    state = _REQUEST_STATE.get()
+    if state is not None:
+        state["model"] = name
 
 
 class ApiMiddleware:
@@ -68,7 +83,9 @@ class ApiMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         incoming = headers.get("x-request-id", "")
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope_state = scope.setdefault("state", {})
+        scope_state["request_id"] = request_id
+        served = _REQUEST_STATE.set(scope_state)
         path: str = scope["path"]
         status = {"code": 500}
 
@@ -91,6 +108,7 @@ class ApiMiddleware:
             else:
                 await self.app(scope, receive, send_wrapper)
         finally:
+            _REQUEST_STATE.reset(served)
             self._record(scope, request_id, status["code"], time.perf_counter() - start)
 
     # -- checks -----------------------------------------------------------------------------
@@ -196,7 +214,8 @@ class ApiMiddleware:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
         if self.metrics is not None:
-            self.metrics.observe_http(endpoint, status, seconds)
+            model = scope.get("state", {}).get("model")
+            self.metrics.observe_http(endpoint, status, seconds, model=model)
         client = scope.get("client")
         record = {
             "event": "http_request",

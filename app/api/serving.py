@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.api.errors import APIError, param_error
+from app.api.middleware import note_request_model
 from app.api.model_selection import Target, target_model
 from app.engine.async_engine import EngineNotRunningError, EngineQueueFullError
 from app.engine.core.request import FinishReason
@@ -86,6 +87,7 @@ def build_params(
     the request (model_selection; None: the default model), whose generation_config gives
     the defaults, as its own `model.generate` would take them."""
     model = target_model(state, target)
+    note_request_model(model.name)  # the HTTP metrics' model, whatever happens next
     config = model.config
     default_max_time = state.settings.default_max_time_seconds
     if default_max_time is not None and options.get("max_time") is None:
@@ -279,6 +281,9 @@ async def stream_request(
 ) -> AsyncIterator[RequestOutput]:
     """The engine's outputs for one request (any lane), with metrics and a log line."""
     metrics = state.metrics
+    # The metrics' model: the full model that runs it (an adapter's: its base).
+    model = state.model_named(params.model_name).name
+    note_request_model(model)
     start = time.perf_counter()
     first: float | None = None
     last = start
@@ -306,9 +311,9 @@ async def stream_request(
                     now = time.perf_counter()
                     if first is None:
                         first = now
-                        metrics.observe_first_token(ctx.endpoint, now - start)
+                        metrics.observe_first_token(ctx.endpoint, now - start, model=model)
                     else:
-                        metrics.observe_inter_token(ctx.endpoint, now - last, per_seq)
+                        metrics.observe_inter_token(ctx.endpoint, now - last, per_seq, model=model)
                     last = now
                     generated += sum(len(s.token_ids) for s in out.outputs)
                 if state.settings.log_prompts:
@@ -324,7 +329,7 @@ async def stream_request(
     finally:
         state.inflight -= 1
         if admitted:
-            metrics.observe_finished(ctx.endpoint, reason, len(prompt_ids), generated)
+            metrics.observe_finished(ctx.endpoint, reason, len(prompt_ids), generated, model=model)
         record: dict[str, Any] = {
             "event": "generation",
             "request_id": ctx.request_id,

@@ -637,6 +637,18 @@ class LLMEngine:
 
         return names(self.scheduler.running), names(self.scheduler.waiting)
 
+    def requests_by_model(self) -> tuple[list[int], list[int]]:
+        """Running and waiting requests of each full model, indexed as `model_names`
+        (metrics). Read from another thread: RuntimeError when a queue changes mid-read."""
+
+        def counts(requests: Iterable[Request]) -> list[int]:
+            per_model = [0] * len(self.model_names)
+            for request in requests:
+                per_model[request.model] += 1
+            return per_model
+
+        return counts(self.scheduler.running), counts(self.scheduler.waiting)
+
     def stats(self) -> dict[str, float]:
         return {
             "num_running": self.scheduler.num_running,

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from app.config import Settings
 from app.modeling.loader import DEFAULT_MODEL_DIR
 from app.state import ModelSetError, build_state
-from tests.integration.conftest import LiveServer, start_server, stop_server
+from tests.integration.conftest import LiveServer, metric, start_server, stop_server
 from tests.lora_helpers import make_adapter, make_finetune
 
 PROMPT = "국회는 국민의"
@@ -170,3 +170,95 @@ def test_models_that_cannot_share_a_server(tmp_path: Path) -> None:
             build_state(settings)
     with pytest.raises(ValueError, match="two models are named"):
         Settings(model=f"a={longer},a={other_vocab}")
+
+
+def test_request_metrics_are_labelled_by_the_model_that_ran(
+    models_server: LiveServer, client: httpx.Client
+) -> None:
+    """Request and HTTP metrics carry the full model that ran the request: an adapter's
+    request counts under its base model (bounded label values, as vLLM's model_name); a
+    request that selected nothing counts under the default model."""
+    default = models_server.state.model_name
+    # (route, name selected, tokens generated, full model that runs it)
+    jobs = [
+        ("/v1/completions", "shallow", 3, "shallow"),
+        ("/v1/completions", "verse", 4, "tuned"),
+        ("/generate", "tuned", 5, "tuned"),
+        ("/generate", "verse", 6, "tuned"),
+        ("/generate", default, 2, default),
+    ]
+    before = client.get("/metrics").text
+    for route, name, tokens, _ in jobs:
+        if route == "/generate":
+            parameters = {"max_new_tokens": tokens, "ignore_eos": True, "adapter_id": name}
+            body: dict[str, Any] = {"inputs": PROMPT, "parameters": parameters}
+        else:
+            body = {"model": name, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True}
+        r = client.post(route, json=body)
+        assert r.status_code == 200, r.text
+    missing = client.post("/v1/completions", json={"model": "nope", "prompt": PROMPT})
+    assert missing.status_code == 404
+    after = client.get("/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    for model in (default, "tuned", "shallow"):
+        runs = [job for job in jobs if job[3] == model]
+        generated = sum(job[2] for job in runs)
+        assert delta("kogpt_generation_tokens_total", model=model) == generated, model
+        assert delta("kogpt_request_generation_tokens_sum", model=model) == generated, model
+        assert delta("kogpt_request_prompt_tokens_count", model=model) == len(runs), model
+        assert delta("kogpt_time_to_first_token_seconds_count", model=model) == len(runs)
+        assert delta("kogpt_inter_token_latency_seconds_count", model=model) == generated - len(
+            runs
+        )
+        for route in ("/v1/completions", "/generate"):
+            on_route = [job for job in runs if job[0] == route]
+            finished = delta(
+                "kogpt_request_finish_total", model=model, endpoint=route, finish_reason="length"
+            )
+            assert finished == len(on_route), (model, route)
+            served = delta("kogpt_requests_total", model=model, endpoint=route, status="200")
+            assert served == len(on_route), (model, route)
+    assert delta("kogpt_prompt_tokens_total", model="tuned") > 0
+    # Selected nothing: the default model's label.
+    assert delta("kogpt_requests_total", model=default, endpoint="/v1/completions", status="404")
+    assert delta("kogpt_requests_total", model=default, endpoint="/metrics", status="200") == 1
+    assert 'model="verse"' not in after  # adapters are in kogpt_lora_requests_info only
+
+
+def test_per_model_request_gauges(models_server: LiveServer, client: httpx.Client) -> None:
+    """kogpt_model_requests_running / _waiting: one series per full model, counting its
+    requests; the server-wide gauges keep the default model's label."""
+    state = models_server.state
+    default = state.model_name
+    names = [m.name for m in state.models]
+    shallow = names.index("shallow")
+    engine = state.engine.engine
+    long_run = {
+        "model": "shallow",
+        "prompt": PROMPT,
+        "max_tokens": state.max_total_tokens - 16,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with client.stream("POST", "/v1/completions", json=long_run) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))  # it is generating
+        text = client.get("/metrics").text
+        # Still running after the scrape, so running while it was read.
+        assert [request.model for request in engine.scheduler.running] == [shallow]
+    for name in names:
+        running = metric(text, "kogpt_model_requests_running", model=name)
+        assert running == (1 if name == "shallow" else 0), name
+        assert f'kogpt_model_requests_waiting{{model="{name}"}} 0.0' in text
+    assert metric(text, "kogpt_requests_running", model=default) == 1
+    models_server.wait_idle()
+    idle = client.get("/metrics").text
+    for name in names:
+        assert f'kogpt_model_requests_running{{model="{name}"}} 0.0' in idle
+        assert f'kogpt_model_requests_waiting{{model="{name}"}} 0.0' in idle
+    assert metric(idle, "kogpt_requests_running", model=default) == 0
+    assert 'kogpt_requests_running{model="shallow"}' not in idle  # the server total only
