@@ -6,6 +6,7 @@ one layout share the KV tensors; the prefix cache never hands one model another'
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,54 @@ def test_unknown_model_is_refused(embedded64: LoadedModel, models) -> None:
     params.model_name = "base"  # the default model by its own name
     engine.add_request("y", prompt, params)
     assert engine.scheduler.requests["y"].model == 0
+
+
+def test_speculation_and_prompt_logprobs_per_model(embedded64: LoadedModel, models) -> None:
+    """Drafts (prompt lookup; a draft model mirroring every model's sequences) are verified
+    by each request's own model, and prompt log-probs come from its own forward."""
+    draft = copy.deepcopy(embedded64.model)
+    draft.transformer.h = draft.transformer.h[:2]
+    draft.config.n_layer = 2
+    engine = LLMEngine(
+        embedded64.model,
+        embedded64.tokenizer,
+        EngineConfig(num_blocks=256, block_size=16, max_num_batched_tokens=64),
+        draft_model=draft,
+        more_models={name: loaded.model for name, loaded in models.items()},
+        model_name="base",
+    )
+    loaded: dict[str | None, LoadedModel] = {None: embedded64, **models}
+    prompt = encode(embedded64, PROMPTS[2] * 2)
+    jobs: list[Job] = [
+        (prompt, {"max_new_tokens": 12, "prompt_lookup_num_tokens": 3}, "tuned", None),
+        (prompt, {"max_new_tokens": 12, "num_assistant_tokens": 3}, "shallow", None),
+        (prompt, {"max_new_tokens": 12, "num_assistant_tokens": 3}, None, None),
+    ]
+    got = run(engine, loaded, jobs)
+    assert engine.stats()["spec_draft_tokens"] > 0
+    for job, ours in zip(jobs, got, strict=True):
+        plain = {k: v for k, v in job[1].items() if k != "num_assistant_tokens"}
+        assert ours[0] == reference(loaded[job[2]].model, prompt, plain)[0], job[2]
+
+    short = encode(embedded64, PROMPTS[2])
+    for i, model in enumerate([None, "tuned", "shallow"]):
+        params = resolve_sampling_params(
+            {"max_new_tokens": 1},
+            {},
+            1024,
+            len(short),
+            vocab_size=int(embedded64.config.vocab_size),
+        )
+        params.prompt_logprobs, params.model_name = 0, model
+        engine.add_request(f"p{i}", short, params)
+    scored: dict[str, list[float]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.prompt_logprobs:
+                scored[out.request_id] = [p.logprob for p in out.prompt_logprobs if p is not None]
+    for i, model in enumerate([None, "tuned", "shallow"]):
+        with torch.inference_mode():
+            logits = loaded[model].model(torch.tensor([short])).logits[0, :-1]
+        ref = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(short[1:])[:, None])[:, 0]
+        got_t = torch.tensor(scored[f"p{i}"], dtype=torch.float64)
+        torch.testing.assert_close(got_t, ref, rtol=0, atol=1e-10)
