@@ -64,18 +64,19 @@ def make_finetune(
     *,
     config: dict[str, object] | None = None,
     generation: dict[str, object] | None = None,
+    base: Path | str = EMBEDDED,
 ) -> Path:
     """A full checkpoint with the embedded model's tokenizer saved to ``folder``: its
     weights plus seeded noise of std ``scale`` (a "fine-tune"), or with ``config``
     overrides (e.g. n_layer: another KV layout) a random model of that config;
     ``generation`` overrides its generation_config (its own defaults, as a real fine-tune
-    may ship)."""
+    may ship). ``base``: the checkpoint to start from (its tokenizer too)."""
     torch.manual_seed(seed)
-    model = base_model(torch.float32)
+    model = base_model(torch.float32, base)
     if config is not None:
         random_config = model.config.__class__.from_dict({**model.config.to_dict(), **config})
         model = GPT2LMHeadModel(random_config).eval()
-        model.generation_config = base_model(torch.float32).generation_config
+        model.generation_config = base_model(torch.float32, base).generation_config
     else:
         with torch.no_grad():
             for param in model.parameters():
@@ -83,5 +84,5 @@ def make_finetune(
     for key, value in (generation or {}).items():
         setattr(model.generation_config, key, value)
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(EMBEDDED).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     return folder

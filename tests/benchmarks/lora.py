@@ -1,10 +1,13 @@
-"""LoRA adapters batched with the base model (a script, never a test):
+"""Fine-tunes served together (a script, never a test):
 `python -m tests.benchmarks.lora [--model DIR] [--requests 64] [--new-tokens 32]`.
 
 64 concurrent greedy requests run in one engine to the end, all on the base model, then spread
 evenly over 1, 4 and 16 LoRA adapters (random peft adapters, rank --rank, on c_attn, c_proj
-and c_fc: every Conv1D of every layer). Printed: wall time of each run and its ratio to the
-base model's (goal: at most 1.2 at 16 adapters on CPU), measured side by side in one process
+and c_fc: every Conv1D of every layer), then half on the base model and half on a second
+full model (the base's weights perturbed: a full fine-tune of the same shape, served from the
+same engine: one forward per model per step over the shared KV tensors). Printed: wall time
+of each run and its ratio to the base model's (goal for adapters: at most 1.2 at 16 on CPU),
+measured side by side in one process
 (rounds alternate the cases; the median and the fastest runs' ratios are printed: on a
 shared machine a run that another process slows shows in the median only). Batch-invariant
 mode (on by default for float32 on CPU) runs each adapter's matmuls row-invariant, one pair
@@ -25,12 +28,16 @@ import torch
 from app.engine.engine import EngineConfig, LLMEngine
 from app.modeling.loader import DEFAULT_MODEL_DIR, load_model
 from app.options.params import SamplingParams
-from tests.lora_helpers import make_adapter
+from tests.lora_helpers import make_adapter, make_finetune
+
+Target = tuple[str | None, str | None]  # (full model, adapter); None: the default / none
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], names: list[str | None], new: int) -> float:
-    for i, (prompt, name) in enumerate(zip(prompts, names, strict=True)):
-        params = SamplingParams(max_new_tokens=new, ignore_eos=True, lora_name=name)
+def run(engine: LLMEngine, prompts: list[list[int]], targets: list[Target], new: int) -> float:
+    for i, (prompt, (model, lora)) in enumerate(zip(prompts, targets, strict=True)):
+        params = SamplingParams(
+            max_new_tokens=new, ignore_eos=True, model_name=model, lora_name=lora
+        )
         engine.add_request(f"r{i}", prompt, params)
     start = time.perf_counter()
     while engine.has_unfinished():
@@ -49,6 +56,9 @@ def main() -> None:
     parser.add_argument("--batch-invariant", default="auto", choices=["auto", "on", "off"])
     args = parser.parse_args()
     loaded = load_model(args.model, device="cpu", dtype="float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        second_dir = make_finetune(Path(tmp) / "tuned", 1, base=args.model)
+        second = load_model(str(second_dir), device="cpu", dtype="float32")
     engine = LLMEngine(
         loaded.model,
         loaded.tokenizer,
@@ -59,6 +69,7 @@ def main() -> None:
             max_loras=16,
             batch_invariant=args.batch_invariant,  # type: ignore[arg-type]
         ),
+        more_models={"tuned": second.model},
     )
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(16):
@@ -71,9 +82,10 @@ def main() -> None:
         torch.randint(5, vocab, (args.prompt_tokens,), generator=gen).tolist()
         for _ in range(args.requests)
     ]
-    cases: dict[str, list[str | None]] = {"base": [None] * args.requests}
+    cases: dict[str, list[Target]] = {"base": [(None, None)] * args.requests}
     for k in (1, 4, 16):
-        cases[f"{k} adapters"] = [f"a{i % k}" for i in range(args.requests)]
+        cases[f"{k} adapters"] = [(None, f"a{i % k}") for i in range(args.requests)]
+    cases["2 full models"] = [(None if i % 2 else "tuned", None) for i in range(args.requests)]
     run(engine, prompts, cases["16 adapters"], 2)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):
