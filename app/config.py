@@ -214,6 +214,14 @@ class Settings(BaseSettings):
         "eagerly; saves the graphs' memory and start-up time, costs per-step launch "
         "overhead). No effect on CPU.",
     )
+    async_scheduling: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Schedule and prepare step k+1 while step k runs (vLLM's async "
+        "scheduling) when every running request is plain (greedy or temperature / top-k / "
+        "top-p sampling, seeded or not; no logits processors, beams, n > 1, drafts, prompt "
+        "log-probs or exclusive lanes): the same outputs, less device idle time between "
+        "steps. auto = on for CUDA, off on CPU (no measured gain there); on; off.",
+    )
     enable_prefix_caching: bool = Field(default=True, description="Share KV of equal prefixes.")
     max_input_tokens: int | None = Field(
         default=None, ge=1, description="Longest prompt accepted (default: n_positions - 1)."

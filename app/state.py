@@ -133,6 +133,7 @@ def build_state(settings: Settings) -> ServerState:
                 enforce_eager=settings.enforce_eager,
                 native_kernels=settings.native_kernels,
                 batch_invariant=settings.batch_invariant,
+                async_scheduling=settings.async_scheduling,
                 max_loras=settings.max_loras,
                 max_lora_rank=settings.max_lora_rank,
             ),

@@ -147,6 +147,16 @@ def test_cuda_graph_replay_gives_the_eager_padded_tokens(loaded) -> None:  # typ
     assert timer.num_forwards > 0 and timer.busy_seconds > 0  # CUDA events were read
 
 
+def test_async_scheduling_gives_the_synchronous_tokens(loaded) -> None:  # type: ignore[no-untyped-def]
+    """auto is on for CUDA: steps overlap on the worker thread (graph replays there) and
+    the tokens equal the synchronous engine's, graphs in both."""
+    overlapped, engine = run_greedy(loaded)
+    assert engine.async_scheduling and engine.num_overlapped_steps > 20
+    synchronous, sync_engine = run_greedy(loaded, async_scheduling="off")
+    assert sync_engine.num_overlapped_steps == 0
+    assert overlapped == synchronous
+
+
 def test_cuda_graph_logits_match_the_varlen_forward(loaded) -> None:  # type: ignore[no-untyped-def]
     graphed = ModelRunner(loaded.model, 64, 16, max_num_seqs=8)
     eager = ModelRunner(loaded.model, 64, 16, max_num_seqs=8, enforce_eager=True)

@@ -216,8 +216,11 @@ class Scheduler:
             num_seqs += len(live)
         return out
 
-    def update_from_output(self, out: SchedulerOutput) -> None:
-        """Advance `num_computed_tokens` by what the step computed; cache full blocks."""
+    def update_from_output(self, out: SchedulerOutput, cache_blocks: bool = True) -> None:
+        """Advance `num_computed_tokens` by what the step computed; cache full blocks.
+
+        `cache_blocks=False` (async scheduling: the step's forward is still running): the
+        counts only; `cache_computed` hashes the blocks once the forward has run."""
         for item in out.seqs:
             request = self.requests.get(item.request_id)
             if request is None:
@@ -228,9 +231,28 @@ class Scheduler:
             # Drafts are computed but not yet accepted: accept_drafts counts the ones that are.
             num_new = len(item.token_ids) - len(item.draft_token_ids)
             seq.num_computed_tokens = item.start_pos + num_new
-            self.kv.cache_full_blocks(
-                seq.seq_id, seq.token_ids, seq.num_computed_tokens, request.cache_salt
-            )
+            if cache_blocks:
+                self.kv.cache_full_blocks(
+                    seq.seq_id, seq.token_ids, seq.num_computed_tokens, request.cache_salt
+                )
+
+    def cache_computed(self, out: SchedulerOutput, skip: frozenset[str] = frozenset()) -> None:
+        """Async scheduling: step `out`'s forward has run, so the blocks it filled join the
+        prefix cache (its counts were advanced at launch). Sequences finished, preempted or
+        aborted since, and the requests in `skip` (their forward failed), are left out."""
+        for item in out.seqs:
+            request = self.requests.get(item.request_id)
+            if (
+                request is None
+                or item.request_id in skip
+                or request.status is not RequestStatus.RUNNING
+            ):
+                continue
+            seq = self._live_seq(request, item.seq_id)
+            if seq is None or not self.kv.has_seq(seq.seq_id):
+                continue
+            computed = item.start_pos + len(item.token_ids) - len(item.draft_token_ids)
+            self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, computed, request.cache_salt)
 
     def accept_drafts(self, item: ScheduledSeq, num_accepted: int) -> None:
         """After verification (the accepted drafts and the next token are in token_ids): the

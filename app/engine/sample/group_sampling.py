@@ -66,6 +66,19 @@ def sample_groups(
             built.append((state, *sampling_rows(state, logits, rows, dummy)))
         except Exception as err:
             failed[state.request.request_id] = err
+    return sample_built(sampler, logits, built, failed)
+
+
+def sample_built(
+    sampler: Sampler,
+    logits: torch.Tensor,
+    built: list[tuple[RequestState, list[Sequence], list[SamplingRow], list[int]]],
+    failed: dict[str, Exception],
+) -> list[tuple[RequestState, list[Sequence], list[GeneratedToken]]]:
+    """sample_groups' sampler call over rows already built (state, sequences, sampler
+    rows, logits rows): batched, or one request at a time when the batch raises."""
+    if not built:
+        return []
     chunks: list[list[tuple[Any, ...]]] = [built]
     try:
         results = [sample_chunk(sampler, logits, built)]
