@@ -72,7 +72,15 @@ def engine_run(
             vocab_size=int(loaded.config.vocab_size),
         )
         engine.add_request(f"r{i}", prompt, params)
-    got: list[dict[int, list[int]]] = [{} for _ in jobs]
+    return run_to_end(engine, len(jobs), check_each_step), engine
+
+
+def run_to_end(
+    engine: LLMEngine, num_jobs: int, check_each_step: bool = False
+) -> list[dict[int, list[int]]]:
+    """Step the engine until its requests "r0".."r{n-1}" end: the new tokens of each, per
+    sequence index; no request may fail, and at the end the KV cache is intact and free."""
+    got: list[dict[int, list[int]]] = [{} for _ in range(num_jobs)]
     while engine.has_unfinished():
         for out in engine.step():
             assert out.error is None, out.error
@@ -82,7 +90,7 @@ def engine_run(
             engine.check_integrity()
     engine.check_integrity()
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    return got, engine
+    return got
 
 
 def padded(ours: dict[int, list[int]], ref: list[list[int]], pad: int) -> list[list[int]]:

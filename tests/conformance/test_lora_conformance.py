@@ -17,7 +17,7 @@ from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.lora_registry import LoRANotFoundError
 from app.modeling.loader import LoadedModel
 from app.options.resolve import resolve_sampling_params
-from tests.conformance.conftest import encode, padded
+from tests.conformance.conftest import encode, padded, run_to_end
 from tests.lora_helpers import make_adapters, merged_model
 from tests.unit.class_b_helpers import class_b_params
 
@@ -89,15 +89,7 @@ def run(engine: LLMEngine, loaded: LoadedModel, jobs: list[Job]) -> list[dict[in
         )
         params.lora_name = lora_name
         engine.add_request(f"r{i}", prompt, params)
-    got: list[dict[int, list[int]]] = [{} for _ in jobs]
-    while engine.has_unfinished():
-        for out in engine.step():
-            assert out.error is None, out.error
-            for seq in out.outputs:
-                got[int(out.request_id[1:])].setdefault(seq.index, []).extend(seq.token_ids)
-    engine.check_integrity()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    return got
+    return run_to_end(engine, len(jobs))
 
 
 def expected(loaded: LoadedModel, merged: dict[str, GPT2LMHeadModel], job: Job) -> list[list[int]]:

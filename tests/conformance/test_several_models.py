@@ -17,7 +17,7 @@ from transformers import GPT2LMHeadModel
 from app.engine.engine import EngineConfig, LLMEngine, ModelNotServedError
 from app.modeling.loader import LoadedModel, load_model
 from app.options.resolve import resolve_sampling_params
-from tests.conformance.conftest import encode, padded
+from tests.conformance.conftest import encode, padded, run_to_end
 from tests.lora_helpers import make_adapter, make_finetune
 
 PROMPTS = ["대한민국은", "국회는 국민의", "제1조 대한민국은 민주공화국이다. 모든 권력은"]
@@ -78,15 +78,7 @@ def run(engine: LLMEngine, loaded: dict[str | None, LoadedModel], jobs: list[Job
         )
         params.model_name, params.lora_name = model, lora
         engine.add_request(f"r{i}", prompt, params)
-    got: list[dict[int, list[int]]] = [{} for _ in jobs]
-    while engine.has_unfinished():
-        for out in engine.step():
-            assert out.error is None, out.error
-            for seq in out.outputs:
-                got[int(out.request_id[1:])].setdefault(seq.index, []).extend(seq.token_ids)
-        engine.check_integrity()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    return got
+    return run_to_end(engine, len(jobs), check_each_step=True)
 
 
 def reference(
