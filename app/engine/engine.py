@@ -14,18 +14,16 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from app.engine.async_scheduling import (
-    PLACEHOLDER_TOKEN,
     AsyncScheduling,
-    overlappable,
+    OverlapContext,
+    OverlappedSteps,
     resolve_async_scheduling,
-    step_worker,
 )
 from app.engine.beam_search import BeamSearch, prepare_generation
 from app.engine.core.kv_cache_manager import KVCacheManager
@@ -41,8 +39,8 @@ from app.engine.model_runner import ModelRunner, StepResult, score_prompt_rows
 from app.engine.output_processor import OutputProcessor
 from app.engine.outputs import GeneratedToken, PromptLogprob, RequestOutput, SequenceOutput
 from app.engine.request_state import RequestState, SequenceState
-from app.engine.sample.group_sampling import sample_built, sample_groups
-from app.engine.sample.row import SamplingRow, make_generator
+from app.engine.sample.group_sampling import sample_groups
+from app.engine.sample.row import make_generator
 from app.engine.sample.sampler import Sampler
 from app.engine.spec.decoder import SpecContext, SpecDecoder, first_logits_rows
 from app.engine.spec.draft_model import DraftModel
@@ -74,25 +72,6 @@ class EngineConfig:
     max_lora_rank: int = 64
     # Schedule step k+1 while step k runs (app/engine/async_scheduling.py); auto: CUDA.
     async_scheduling: AsyncScheduling = "auto"
-
-
-# One overlapped step's sampler call, on the worker: (state, sequences, picks) per request,
-# the requests whose sampling failed, the requests whose forward failed, and the sampled
-# token of each sequence (the next step's forward reads them in place of its placeholders).
-Sampled = tuple[
-    list[tuple[RequestState, list[Sequence], list[GeneratedToken]]],
-    dict[str, Exception],
-    dict[str, Exception],
-    dict[int, int],
-]
-
-
-@dataclass
-class _InFlight:
-    """An overlapped step launched on the worker and not yet read back."""
-
-    sched: SchedulerOutput
-    sampled: Future[Sampled]
 
 
 class ModelNotServedError(LookupError):
@@ -214,13 +193,22 @@ class LLMEngine:
         self.last_batch_size = 0
         # Async scheduling: the step in flight on the worker (one at most), and the requests
         # that need the synchronous step (not `overlappable`; pruned as they end).
-        self.async_scheduling = resolve_async_scheduling(
-            config.async_scheduling, self.runner.device.type
-        )
-        self._worker: ThreadPoolExecutor | None = None
-        self._inflight: _InFlight | None = None
-        self._sync_only: set[str] = set()
-        self.num_overlapped_steps = 0
+        self.overlap: OverlappedSteps | None = None
+        if resolve_async_scheduling(config.async_scheduling, self.runner.device.type):
+            self.overlap = OverlappedSteps(
+                OverlapContext(
+                    self.scheduler,
+                    self._states,
+                    self.sampler,
+                    self.runner.step_timer,
+                    self.runner.device,
+                    # Looked up at each call: tests spy on the engine's own methods.
+                    forward=lambda sched: self._forward(sched),
+                    forward_isolated=lambda sched, rows: self._forward_isolated(sched, rows),
+                    advance=lambda state, seq, pick, outs: self._advance(state, seq, pick, outs),
+                    fail=lambda failed: self._fail(failed),
+                )
+            )
         # Called with the number of scheduled sequences after every non-empty step (metrics).
         self.step_observers: list[Callable[[int], None]] = []
 
@@ -324,8 +312,8 @@ class LLMEngine:
         self._init_sequence(state, seq)  # first: a grammar that fails to build admits nothing
         self.scheduler.add_request(request)  # raises SchedulerCapacityError if it can never fit
         self._states[request_id] = state
-        if not overlappable(params, prompt_len):
-            self._sync_only.add(request_id)
+        if self.overlap is not None:
+            self.overlap.admit(request_id, params, prompt_len)
 
     def model_index(self, name: str | None) -> int:
         """The full model `name` selects (None: the default); ModelNotServedError if none."""
@@ -383,18 +371,28 @@ class LLMEngine:
             self.draft.kv_cache.copy_blocks(copies)
 
     def has_unfinished(self) -> bool:
-        return bool(self._lanes) or self.scheduler.has_unfinished() or self._inflight is not None
+        in_flight = self.overlap is not None and self.overlap.in_flight
+        return bool(self._lanes) or self.scheduler.has_unfinished() or in_flight
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self.overlap is not None
+
+    @property
+    def num_overlapped_steps(self) -> int:
+        return 0 if self.overlap is None else self.overlap.num_steps
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One step of every exclusive-lane run (when it is their turn), then one batch step.
         With async scheduling, an overlapped step while every request allows it; otherwise
         a step in flight is read back first (that call's outputs), then synchronous steps."""
-        if self.async_scheduling:
-            if self._overlap_allowed():
+        if self.overlap is not None:
+            # A lane uses the model on this thread; a draft model mirrors every step.
+            if not self._lanes and self.draft is None and self.overlap.allowed():
                 return self._step_overlapped()
-            if self._inflight is not None:
-                return self._drain()
+            if self.overlap.in_flight:
+                return self.overlap.drain()
         if not self._lanes or not self._lanes_turn():
             return self._step_batch()
         start = time.monotonic()
@@ -503,142 +501,18 @@ class LLMEngine:
         self.spec.propose(sampling)
         return list(outputs.values()) + failures + (self._fail(failed) if failed else [])
 
-    # -- async scheduling (app/engine/async_scheduling.py) -------------------------------
-    def _overlap_allowed(self) -> bool:
-        """Every request of the batched lane is overlappable, and no lane or draft model
-        runs (a lane uses the model on this thread; a draft mirrors every step)."""
-        if self._lanes or self.draft is not None:
-            return False
-        self._sync_only.intersection_update(self._states)
-        return not self._sync_only
-
     def _step_overlapped(self) -> list[RequestOutput]:
-        """Schedule and launch step k+1 (its forward on the worker, after step k's sampler
-        call), then read back and process step k, then plan step k+1's sampler call."""
+        """Schedule step k+1 and hand it to the overlapped steps (async_scheduling.py):
+        launched on the step worker, then step k's outputs, processed here."""
+        assert self.overlap is not None
         sched = self.scheduler.schedule()
         self.num_steps += 1
         self.last_batch_size = len(sched.seqs)
         if sched.is_empty:
-            return self._drain() if self._inflight is not None else []
+            return self.overlap.drain()
         for observe in self.step_observers:
             observe(len(sched.seqs))
-        previous = self._inflight
-        if self._worker is None:
-            self._worker = step_worker(self._worker_device)
-        prior = None if previous is None else previous.sampled
-        forward = self._worker.submit(self._forward_overlapped, sched, prior)
-        self._inflight = None
-        outputs = self._collect(previous) if previous is not None else []
-        self._inflight = self._plan_sampling(sched, forward)
-        self.num_overlapped_steps += 1
-        return outputs
-
-    def _worker_device(self) -> None:
-        """On the step worker, first: CUDA's current device is per thread, and graph
-        replays, events and kernels launch on the current one (the model's, cuda:N)."""
-        if self.runner.device.type == "cuda":
-            torch.cuda.set_device(self.runner.device)
-
-    def _drain(self) -> list[RequestOutput]:
-        """Read back and process the step in flight (nothing runs on the worker after)."""
-        flight, self._inflight = self._inflight, None
-        return [] if flight is None else self._collect(flight)
-
-    def _forward_overlapped(
-        self, sched: SchedulerOutput, prior: Future[Sampled] | None
-    ) -> tuple[StepResult, dict[str, Exception]]:
-        """On the worker: the previous step's tokens in place of the placeholders (its
-        sampler call ran just before, on this thread), then the forward; a failing batch is
-        retried one request at a time, as the synchronous step does."""
-        self.runner.step_timer.begin_step(continuing=prior is not None)
-        tokens = prior.result()[3] if prior is not None else {}
-        for item in sched.seqs:
-            if item.token_ids and item.token_ids[-1] == PLACEHOLDER_TOKEN:
-                # No token: its request's sampling failed (it fails on the engine thread) or
-                # it finished; 0 is computed and discarded.
-                item.token_ids[-1] = tokens.get(item.seq_id, 0)
-        try:
-            return self._forward(sched), {}
-        except Exception:
-            logger.exception("batched forward failed: retrying its requests one at a time")
-            sampling = [item for item in sched.seqs if item.sample]
-            return self._forward_isolated(sched, sampling)
-
-    def _plan_sampling(
-        self, sched: SchedulerOutput, forward: Future[tuple[StepResult, dict[str, Exception]]]
-    ) -> _InFlight:
-        """On the engine thread, once the previous step is processed: the sampler rows of
-        the step's sampling sequences that are still live (a sequence that finished at the
-        previous step is not sampled: its extra token is discarded), the sampler call queued
-        on the worker, the counts advanced and one placeholder per sampled sequence."""
-        built: list[tuple[RequestState, list[Sequence], list[SamplingRow]]] = []
-        planned: list[Sequence] = []
-        for item in sched.seqs:
-            state = self._states.get(item.request_id) if item.sample else None
-            if state is None:
-                continue
-            seq = state.request.seqs[0]  # overlappable requests have one sequence
-            if seq.seq_id != item.seq_id or seq.is_finished:
-                continue
-            row = SamplingRow.from_params(
-                state.params, seq.token_ids, seq.prompt_len, state.generator
-            )
-            built.append((state, [seq], [row]))
-            planned.append(seq)
-        assert self._worker is not None
-        sampled = self._worker.submit(self._sample_overlapped, sched, forward, built)
-        self.scheduler.update_from_output(sched, cache_blocks=False)
-        for seq in planned:
-            seq.token_ids.append(PLACEHOLDER_TOKEN)
-        return _InFlight(sched, sampled)
-
-    def _sample_overlapped(
-        self,
-        sched: SchedulerOutput,
-        forward: Future[tuple[StepResult, dict[str, Exception]]],
-        built: list[tuple[RequestState, list[Sequence], list[SamplingRow]]],
-    ) -> Sampled:
-        """On the worker, after the step's forward: one batched sampler call over the planned
-        rows (the logits rows of requests whose forward failed are absent)."""
-        result, broken = forward.result()
-        kept = [i for i in sched.seqs if i.sample and i.request_id not in broken]
-        row_of = {item.seq_id: row for row, item in enumerate(kept)}
-        chunk = [
-            (state, seqs, rows, [row_of[s.seq_id] for s in seqs])
-            for state, seqs, rows in built
-            if state.request.request_id not in broken
-        ]
-        failed: dict[str, Exception] = {}
-        picks = sample_built(self.sampler, result.logits, chunk, failed)
-        tokens = {
-            seq.seq_id: pick.id
-            for _state, seqs, chosen in picks
-            for seq, pick in zip(seqs, chosen, strict=True)
-        }
-        return picks, failed, broken, tokens
-
-    def _collect(self, flight: _InFlight) -> list[RequestOutput]:
-        """On the engine thread: wait for the step's tokens, then the synchronous step's
-        output path (stop checks, text, finish), each placeholder replaced by its token."""
-        picks, failed, broken, _tokens = flight.sampled.result()
-        failed = dict(failed)
-        self.scheduler.cache_computed(flight.sched, frozenset(broken))
-        failures = self._fail(broken)
-        outputs: dict[str, RequestOutput] = {}
-        for state, seqs, chosen in picks:
-            request_id = state.request.request_id
-            if self._states.get(request_id) is not state or request_id in failed:
-                continue  # aborted (or failed) while the step ran
-            try:
-                for seq, pick in zip(seqs, chosen, strict=True):
-                    if seq.token_ids[-1] != PLACEHOLDER_TOKEN:
-                        raise RuntimeError(f"sequence {seq.seq_id} has no token in flight")
-                    seq.token_ids.pop()
-                    self._advance(state, seq, pick, outputs)
-            except Exception as err:
-                logger.exception("request %s failed", request_id)
-                failed[request_id] = err
-        return list(outputs.values()) + failures + (self._fail(failed) if failed else [])
+        return self.overlap.step(sched)
 
     def _forward(self, sched: SchedulerOutput) -> StepResult:
         result = self.runner.execute_step(sched)
