@@ -15,6 +15,7 @@ from app.engine.core.request import FinishReason
 from app.engine.engine import EngineConfig, LLMEngine
 from app.engine.lanes.class_b import runner as runner_module
 from app.engine.lanes.class_b.runner import ClassBRun
+from tests.fake_clock import fake_monotonic
 from tests.unit.class_b_helpers import class_b_params
 
 PROMPT = [5, 9, 14, 22, 9]
@@ -129,7 +130,7 @@ def test_max_time_passing_inside_a_step_ends_the_request_with_length(
     checkpoint with finish reason length, as generate's MaxTimeCriteria ends it (token
     methods: no further token; beams: the beams of the last whole step are returned)."""
     clock = [1000.0]
-    monkeypatch.setattr(runner_module.time, "monotonic", lambda: clock[0])
+    fake_monotonic(monkeypatch, runner_module, clock)
     add(engine, "timed", max_time=5.0, **METHODS[method])
     first = run_steps(engine, "timed", 2)
     calls.fire_at = calls.forwards + 1
@@ -220,7 +221,7 @@ def test_lanes_take_about_half_the_engine_while_batch_requests_run(
     from app.options.params import SamplingParams
 
     clock = [50.0]
-    monkeypatch.setattr(engine_module.time, "monotonic", lambda: clock[0])
+    fake_monotonic(monkeypatch, engine_module, clock)
     batch_step = engine._step_batch
 
     def timed_batch_step() -> list[Any]:

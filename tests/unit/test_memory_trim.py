@@ -7,6 +7,7 @@ import pytest
 
 from app.engine import memory
 from app.engine.memory import IdleTrimmer
+from tests.fake_clock import fake_monotonic
 
 
 def counting(trimmer: IdleTrimmer) -> list[int]:
@@ -31,7 +32,7 @@ def test_trims_once_per_idle_period_after_work() -> None:
 
 def test_at_most_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [100.0]
-    monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
+    fake_monotonic(monkeypatch, memory, clock)
     trimmer = IdleTrimmer(min_interval=5.0)
     calls = counting(trimmer)
     trimmer.busy()

@@ -12,6 +12,7 @@ import pytest
 
 from app.api import serving
 from app.api.serving import RequestShares, request_share
+from tests.fake_clock import fake_monotonic
 
 
 def server(share: int = 2, seats: int = 16) -> Any:
@@ -49,7 +50,7 @@ def test_alone_a_request_has_twice_the_share() -> None:
 
 def test_with_another_request_the_share_shrinks(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [0.0]
-    monkeypatch.setattr(serving.time, "monotonic", lambda: clock[0])
+    fake_monotonic(monkeypatch, serving, clock)
     state = server(share=2, seats=16)
     big: list[int] = []
     small: list[int] = []
@@ -82,7 +83,7 @@ def test_a_prompt_larger_than_the_share_still_runs() -> None:
 
 def test_the_hold_ends_contention(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [0.0]
-    monkeypatch.setattr(serving.time, "monotonic", lambda: clock[0])
+    fake_monotonic(monkeypatch, serving, clock)
     shares = RequestShares()
     shares.active = {"a": object(), "b": object()}  # type: ignore[dict-item]
     assert shares.cap(alone=64, contended=8) == 8
