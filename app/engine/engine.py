@@ -341,10 +341,6 @@ class LLMEngine:
             lambda ids: heal_prompt(hf_model, self.tokenizer, ids),
         )
 
-    def _heal(self, prompt_token_ids: list[int]) -> list[int]:
-        """Token healing on the default model (see heal_prompt)."""
-        return heal_prompt(self.runner.hf_model, self.tokenizer, prompt_token_ids)
-
     def _init_sequence(self, state: RequestState, seq: Sequence) -> None:
         state.sequences[seq.seq_id] = SequenceState(
             text=state.output.sequence_text(seq.token_ids[: seq.prompt_len]),

@@ -51,7 +51,7 @@ class ServedLoRA:
 class LoRARegistry:
     def __init__(
         self,
-        base_configs: Any,
+        base_configs: Sequence[Any],
         device: torch.device,
         dtype: torch.dtype,
         max_loras: int = 8,
@@ -61,7 +61,7 @@ class LoRARegistry:
         salts: Iterator[int] | None = None,
         model_names: Sequence[str] = (),
     ) -> None:
-        """``base_configs``: the served full models' configs (one config: one model);
+        """``base_configs``: the served full models' configs, the default model's first;
         ``model_names``: their names, which ``load``'s ``base`` takes (the first: default).
         ``salts``: the engine's source of prefix-cache namespaces (shared with its models).
         """
@@ -69,7 +69,7 @@ class LoRARegistry:
             raise ValueError(f"max_loras must be >= 0, got {max_loras}")
         if not 1 <= max_lora_rank <= MAX_LORA_RANK:
             raise ValueError(f"max_lora_rank must be in 1..{MAX_LORA_RANK}, got {max_lora_rank}")
-        self.base_configs = list(base_configs) if isinstance(base_configs, list) else [base_configs]
+        self.base_configs = list(base_configs)
         self.model_names = list(model_names)
         self.device = device
         self.dtype = dtype

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any
 
 import torch
 
-from app.engine.engine import EngineConfig, LLMEngine
+from app.engine.async_scheduling import AsyncScheduling
 from app.modeling.loader import load_model
-from app.options.params import SamplingParams
-from tests.benchmarks.engine import make_prompts
+from tests.benchmarks.engine import bench_engine, make_prompts
 
 
 def run(
@@ -27,36 +25,15 @@ def run(
     tokenizer: Any,
     prompts: list[list[int]],
     new_tokens: int,
-    mode: str,
+    mode: AsyncScheduling,
 ) -> tuple[float, dict[str, list[int]]]:
-    block_size = 16
-    per_seq = -(-(max(map(len, prompts)) + new_tokens) // block_size)
-    engine = LLMEngine(
-        model,
-        tokenizer,
-        EngineConfig(
-            num_blocks=per_seq * len(prompts) + 8,
-            block_size=block_size,
-            max_num_seqs=max(256, len(prompts)),
-            max_num_batched_tokens=2048,
-            async_scheduling=mode,  # type: ignore[arg-type]
-        ),
-    )
-    for i, prompt in enumerate(prompts):
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, logprobs=False)
-        engine.add_request(f"r{i}", prompt, params)
+    """tokens/s and each request's output of one run (the engine benchmark's run)."""
     tokens: dict[str, list[int]] = {}
-    generated = 0
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        for out in engine.step():
-            for seq in out.outputs:
-                generated += len(seq.token_ids)
-                tokens.setdefault(out.request_id, []).extend(seq.token_ids)
-    elapsed = time.perf_counter() - start
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    assert (engine.num_overlapped_steps > 0) == (mode == "on")
-    return generated / elapsed, tokens
+    figures = bench_engine(
+        model, tokenizer, prompts, new_tokens, token_ids=tokens, async_scheduling=mode
+    )
+    assert (figures["overlapped_steps"] > 0) == (mode == "on")
+    return figures["tok_s"], tokens
 
 
 def main() -> None:
@@ -78,7 +55,8 @@ def main() -> None:
         rates: dict[str, list[float]] = {"off": [], "on": []}
         outputs: dict[str, dict[str, list[int]]] = {}
         for r in range(args.repeats):
-            for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            order: tuple[AsyncScheduling, ...] = ("off", "on") if r % 2 == 0 else ("on", "off")
+            for mode in order:
                 rate, outputs[mode] = run(model, tokenizer, prompts, args.new_tokens, mode)
                 rates[mode].append(rate)
         ratios = [on / off for on, off in zip(rates["on"], rates["off"], strict=True)]

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, GPT2LMHeadModel
 
+from app.engine.async_scheduling import AsyncScheduling
 from app.engine.engine import EngineConfig, LLMEngine
 from app.modeling.batch_invariant import BatchInvariant
 from app.modeling.linear import LinearBackend, Quantize, build_linears
@@ -57,6 +58,7 @@ def bench_engine(
     quantize: Quantize = "none",
     native_kernels: NativeKernels = "auto",
     batch_invariant: BatchInvariant = "auto",
+    async_scheduling: AsyncScheduling = "auto",
 ) -> dict[str, float]:
     """Throughput of our engine; `token_ids`, when given, receives each request's output
     (emptied first: a repeated run replaces, not extends, what an earlier one wrote)."""
@@ -76,6 +78,7 @@ def bench_engine(
             quantize=quantize,
             native_kernels=native_kernels,
             batch_invariant=batch_invariant,
+            async_scheduling=async_scheduling,
         ),
     )
     for i, prompt in enumerate(prompts):
@@ -102,6 +105,7 @@ def bench_engine(
         "seconds": elapsed,
         "tok_s": generated / elapsed,
         "batch_invariant": invariant,
+        "overlapped_steps": float(engine.num_overlapped_steps),
     }
 
 
