@@ -1,14 +1,26 @@
-"""Async scheduling (`--async-scheduling`): step k+1 is scheduled while step k runs.
+"""Async scheduling (`--async-scheduling`): step k+1 is scheduled and prepared while step k runs.
 
 As vLLM v1's async scheduler: the engine schedules step k+1 assuming every sequence that
 samples at step k gets exactly one token there (a placeholder id stands in the sequence's
-token list), and the worker thread that runs the steps' forwards and sampler calls, in
-order, puts step k's sampled token in place of the placeholder before step k+1's forward.
-Meanwhile the engine thread takes step k's tokens (read back on the worker) and processes
-them (stop checks, text, delivery). A sequence that finished at step k had its placeholder
-computed at step k+1: that row is not sampled, its output never emitted, its blocks freed
-(never hashed into the prefix cache). The engine falls back to its synchronous step, after
-draining the step in flight, whenever a request is not `overlappable`.
+token list), and queues step k+1 (its forward, then its sampler call) on the worker thread
+that runs the steps in order, before it reads back and processes step k (stop checks, text,
+delivery) on its own thread.
+
+The tokens never wait on the host between steps: step k's sampler call leaves them on the
+device (`Sampler.launch`) and starts their copy back; step k+1's input ids take them there
+(each placeholder becomes `handed_off_id(j)`, which ModelRunner.execute_step resolves on the
+device, as vLLM scatters its sampled ids into the next input ids). So on CUDA the worker
+queues step k+1's forward and sampling while the device still runs step k, and the device
+runs step k+1 while the engine thread processes step k and schedules step k+2.
+
+A sequence that finished at step k had its extra token computed at step k+1: its output is
+never emitted, its blocks freed (never hashed into the prefix cache). Its row is sampled
+unless its finish was certain (its length: then a discarded greedy row, which draws nothing);
+a finish on eos or a stop string is known only after step k+1 was queued, so that row draws
+from its generator, and the unseeded rows after it (one shared generator, in row order) draw
+other numbers than the synchronous engine's. Greedy and seeded outputs are the synchronous
+engine's exactly. The engine falls back to its synchronous step, after draining the step in
+flight, whenever a request is not `overlappable`.
 
 Here: the setting, the eligibility rule, the worker (one thread, FIFO jobs) and
 `OverlappedSteps`, the overlapped step itself, which sees the engine through an
@@ -22,18 +34,19 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from app.engine.core.request import Sequence
 from app.engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from app.engine.model_runner import StepResult
+from app.engine.model_runner import StepResult, handed_off_id
 from app.engine.outputs import GeneratedToken, RequestOutput
 from app.engine.request_state import RequestState
-from app.engine.sample.group_sampling import sample_built
+from app.engine.sample.group_sampling import generated_tokens, launch_chunk, sample_chunk
 from app.engine.sample.row import SamplingRow
-from app.engine.sample.sampler import Sampler
+from app.engine.sample.sampler import SampleLaunch, Sampler
+from app.engine.sample.seeded_draw import multinomial_error
 from app.engine.step_timing import StepTimer
 from app.options.params import SamplingParams
 
@@ -84,24 +97,54 @@ def step_worker(initializer: Callable[[], None] | None = None) -> ThreadPoolExec
     )
 
 
-# One overlapped step's sampler call, on the worker: (state, sequences, picks) per request,
-# the requests whose sampling failed, the requests whose forward failed, and the sampled
-# token of each sequence (the next step's forward reads them in place of its placeholders).
-Sampled = tuple[
-    list[tuple[RequestState, list[Sequence], list[GeneratedToken]]],
-    dict[str, Exception],
-    dict[str, Exception],
-    dict[int, int],
-]
 Forwarded = tuple[StepResult, dict[str, Exception]]  # the logits, the requests that broke
+
+
+# One sampler row of an overlapped step, planned on the engine thread in the step's order of
+# sampling sequences: its request and sequence, or (None, None) for a row computed and
+# discarded (greedy: it draws nothing from a generator).
+Planned = tuple[RequestState | None, Sequence | None, SamplingRow]
+
+
+def discarded_row() -> SamplingRow:
+    """The row of a sequence with nothing to sample (an aborted request's, or one whose
+    token in flight is its last): greedy, no log-prob, computed and discarded."""
+    return SamplingRow(token_ids=(), logprob=False)
+
+
+@dataclass
+class Handoff:
+    """A step's sampled tokens, still on the device, for the next step's input ids: sequence
+    id -> its token's index in `tokens` (ModelRunner.execute_step's `handed_off`)."""
+
+    tokens: torch.Tensor
+    index: dict[int, int]
+
+
+@dataclass
+class Launched:
+    """One overlapped step as the worker queued it: the requests whose forward failed, the
+    planned rows it sampled (their logits rows present), and their sampler call: launched,
+    its results on their way back (`launch`), or, when the batched launch raised, run one
+    request at a time to the end (`picks`, `failed`)."""
+
+    broken: dict[str, Exception]
+    sampled: list[Planned]
+    launch: SampleLaunch | None = None
+    picks: list[tuple[RequestState, list[Sequence], list[GeneratedToken]]] = field(
+        default_factory=list
+    )
+    failed: dict[str, Exception] = field(default_factory=dict)
+    handoff: Handoff | None = None
 
 
 @dataclass
 class InFlight:
-    """An overlapped step launched on the worker and not yet read back."""
+    """An overlapped step queued on the worker and not yet read back."""
 
     sched: SchedulerOutput
-    sampled: Future[Sampled]
+    planned: list[Planned]
+    launched: Future[Launched]
 
 
 @dataclass
@@ -113,8 +156,10 @@ class OverlapContext:
     sampler: Sampler
     step_timer: StepTimer
     device: torch.device
-    forward: Callable[[SchedulerOutput], StepResult]
-    forward_isolated: Callable[[SchedulerOutput, list[ScheduledSeq]], Forwarded]
+    forward: Callable[[SchedulerOutput, torch.Tensor | None], StepResult]
+    forward_isolated: Callable[
+        [SchedulerOutput, list[ScheduledSeq], torch.Tensor | None], Forwarded
+    ]
     advance: Callable[[RequestState, Sequence, GeneratedToken, dict[str, RequestOutput]], None]
     fail: Callable[[dict[str, Exception]], list[RequestOutput]]
 
@@ -145,16 +190,22 @@ class OverlappedSteps:
         return not self._sync_only
 
     def step(self, sched: SchedulerOutput) -> list[RequestOutput]:
-        """Launch step k+1 (`sched`: its forward on the worker, after step k's sampler
-        call), then read back and process step k, then plan step k+1's sampler call."""
+        """Queue step k+1 (`sched`: its forward and its sampler call) on the worker, then
+        read back and process step k, then advance the scheduler past step k+1."""
         previous = self._inflight
         if self._worker is None:
             self._worker = step_worker(self._worker_device)
-        prior = None if previous is None else previous.sampled
-        forward = self._worker.submit(self._forward, sched, prior)
-        self._inflight = None
+        planned = self._plan(sched)
+        prior = None if previous is None else previous.launched
+        launched = self._worker.submit(self._launch, sched, prior, planned)
+        self._inflight = InFlight(sched, planned, launched)
         outputs = self._collect(previous) if previous is not None else []
-        self._inflight = self._plan_sampling(sched, forward)
+        self.ctx.scheduler.update_from_output(sched, cache_blocks=False)
+        for state, seq, _row in planned:
+            # A placeholder per sequence still running (one that finished at step k had
+            # its extra token computed: it is discarded).
+            if seq is not None and not seq.is_finished and self._live(state):
+                seq.token_ids.append(PLACEHOLDER_TOKEN)
         self.num_steps += 1
         return outputs
 
@@ -163,93 +214,141 @@ class OverlappedSteps:
         flight, self._inflight = self._inflight, None
         return [] if flight is None else self._collect(flight)
 
+    def _live(self, state: RequestState | None) -> bool:
+        return state is not None and self.ctx.states.get(state.request.request_id) is state
+
     def _worker_device(self) -> None:
         """On the step worker, first: CUDA's current device is per thread, and graph
         replays, events and kernels launch on the current one (the model's, cuda:N)."""
         if self.ctx.device.type == "cuda":
             torch.cuda.set_device(self.ctx.device)
 
-    def _forward(self, sched: SchedulerOutput, prior: Future[Sampled] | None) -> Forwarded:
-        """On the worker: the previous step's tokens in place of the placeholders (its
-        sampler call ran just before, on this thread), then the forward; a failing batch is
-        retried one request at a time, as the synchronous step does."""
-        self.ctx.step_timer.begin_step(continuing=prior is not None)
-        tokens = prior.result()[3] if prior is not None else {}
+    def _plan(self, sched: SchedulerOutput) -> list[Planned]:
+        """On the engine thread, before step k is processed: one sampler row per sampling
+        sequence of step k+1. A sequence whose token in flight reaches its length finishes
+        with it for sure: its row is a discarded greedy one, which draws nothing, so the
+        unseeded rows (one shared generator, in row order) draw what the synchronous
+        engine's do. One that finishes at step k on eos or a stop string cannot be known
+        yet: its row draws, and is discarded."""
+        planned: list[Planned] = []
         for item in sched.seqs:
-            if item.token_ids and item.token_ids[-1] == PLACEHOLDER_TOKEN:
-                # No token: its request's sampling failed (it fails on the engine thread) or
-                # it finished; 0 is computed and discarded.
-                item.token_ids[-1] = tokens.get(item.seq_id, 0)
-        try:
-            return self.ctx.forward(sched), {}
-        except Exception:
-            logger.exception("batched forward failed: retrying its requests one at a time")
-            sampling = [item for item in sched.seqs if item.sample]
-            return self.ctx.forward_isolated(sched, sampling)
-
-    def _plan_sampling(self, sched: SchedulerOutput, forward: Future[Forwarded]) -> InFlight:
-        """On the engine thread, once the previous step is processed: the sampler rows of
-        the step's sampling sequences that are still live (a sequence that finished at the
-        previous step is not sampled: its extra token is discarded), the sampler call queued
-        on the worker, the counts advanced and one placeholder per sampled sequence."""
-        built: list[tuple[RequestState, list[Sequence], list[SamplingRow]]] = []
-        planned: list[Sequence] = []
-        for item in sched.seqs:
-            state = self.ctx.states.get(item.request_id) if item.sample else None
-            if state is None:
+            if not item.sample:
                 continue
-            seq = state.request.seqs[0]  # overlappable requests have one sequence
-            if seq.seq_id != item.seq_id or seq.is_finished:
+            state = self.ctx.states.get(item.request_id)
+            seq = state.request.seqs[0] if state is not None else None  # one sequence
+            if state is None or seq is None or seq.seq_id != item.seq_id or seq.is_finished:
+                planned.append((None, None, discarded_row()))
+                continue
+            in_flight = seq.token_ids[-1] == PLACEHOLDER_TOKEN
+            if in_flight and len(seq.token_ids) >= state.params.stop_length(seq.prompt_len):
+                planned.append((None, None, discarded_row()))
                 continue
             row = SamplingRow.from_params(
                 state.params, seq.token_ids, seq.prompt_len, state.generator
             )
-            built.append((state, [seq], [row]))
-            planned.append(seq)
-        assert self._worker is not None
-        sampled = self._worker.submit(self._sample, sched, forward, built)
-        self.ctx.scheduler.update_from_output(sched, cache_blocks=False)
-        for seq in planned:
-            seq.token_ids.append(PLACEHOLDER_TOKEN)
-        return InFlight(sched, sampled)
+            planned.append((state, seq, row))
+        return planned
+
+    def _launch(
+        self, sched: SchedulerOutput, prior: Future[Launched] | None, planned: list[Planned]
+    ) -> Launched:
+        """On the worker: step k+1's forward, with step k's tokens taken on the device
+        (each placeholder becomes the id that stands for its sequence's token there), then
+        its sampler call, launched: neither waits for the device, so the worker queues
+        step k+1 while step k still runs. A failing batch is retried one request at a
+        time, as the synchronous step does."""
+        self.ctx.step_timer.begin_step(continuing=prior is not None)
+        handoff = prior.result().handoff if prior is not None else None
+        handed_off = None
+        for item in sched.seqs:
+            if item.token_ids and item.token_ids[-1] == PLACEHOLDER_TOKEN:
+                at = None if handoff is None else handoff.index.get(item.seq_id)
+                # No token: its request's sampling failed (it fails on the engine thread)
+                # or it finished; 0 is computed and discarded.
+                item.token_ids[-1] = 0 if at is None else handed_off_id(at)
+                if at is not None:
+                    assert handoff is not None
+                    handed_off = handoff.tokens
+        sampling = [item for item in sched.seqs if item.sample]
+        try:
+            result, broken = self.ctx.forward(sched, handed_off), {}
+        except Exception:
+            logger.exception("batched forward failed: retrying its requests one at a time")
+            result, broken = self.ctx.forward_isolated(sched, sampling, handed_off)
+        # The logits rows are the sampling sequences' whose forward ran, in step order.
+        sampled = [
+            plan
+            for plan, item in zip(planned, sampling, strict=True)
+            if item.request_id not in broken
+        ]
+        chunk = [(state, [seq], [row], [j]) for j, (state, seq, row) in enumerate(sampled)]
+        launched = Launched(broken, sampled)
+        if chunk:
+            self._sample(result.logits, chunk, launched)
+        return launched
 
     def _sample(
-        self,
-        sched: SchedulerOutput,
-        forward: Future[Forwarded],
-        built: list[tuple[RequestState, list[Sequence], list[SamplingRow]]],
-    ) -> Sampled:
-        """On the worker, after the step's forward: one batched sampler call over the planned
-        rows (the logits rows of requests whose forward failed are absent)."""
-        result, broken = forward.result()
-        kept = [i for i in sched.seqs if i.sample and i.request_id not in broken]
-        row_of = {item.seq_id: row for row, item in enumerate(kept)}
-        chunk = [
-            (state, seqs, rows, [row_of[s.seq_id] for s in seqs])
-            for state, seqs, rows in built
-            if state.request.request_id not in broken
-        ]
-        failed: dict[str, Exception] = {}
-        picks = sample_built(self.ctx.sampler, result.logits, chunk, failed)
-        tokens = {
-            seq.seq_id: pick.id
-            for _state, seqs, chosen in picks
-            for seq, pick in zip(seqs, chosen, strict=True)
-        }
-        return picks, failed, broken, tokens
+        self, logits: torch.Tensor, chunk: list[tuple[Any, ...]], launched: Launched
+    ) -> None:
+        """The step's one sampler call, launched: its tokens are the next step's hand-off.
+        If the batched launch raises, each request is sampled alone to the end (the
+        synchronous step's isolation); their tokens go to the device then."""
+        try:
+            launch = launch_chunk(self.ctx.sampler, logits, chunk)
+        except Exception:
+            logger.exception("batched sampler call failed: sampling its requests one by one")
+        else:
+            position = launch.position
+            launched.launch = launch
+            launched.handoff = Handoff(
+                launch.tokens,
+                {
+                    seq.seq_id: position[j]
+                    for j, (_s, seq, _r) in enumerate(launched.sampled)
+                    if seq is not None
+                },
+            )
+            return
+        ids: dict[int, int] = {}
+        for one in chunk:
+            state, seqs = one[0], one[1]
+            if state is None:
+                continue
+            try:
+                picks = sample_chunk(self.ctx.sampler, logits, [one])
+            except Exception as err:
+                launched.failed[state.request.request_id] = err
+                continue
+            launched.picks.append((state, seqs, picks))
+            ids[seqs[0].seq_id] = picks[0].id
+        tokens = torch.tensor(list(ids.values()), dtype=torch.long, device=logits.device)
+        launched.handoff = Handoff(tokens, {seq_id: j for j, seq_id in enumerate(ids)})
 
     def _collect(self, flight: InFlight) -> list[RequestOutput]:
-        """On the engine thread: wait for the step's tokens, then the synchronous step's
+        """On the engine thread: wait for the step's results, then the synchronous step's
         output path (stop checks, text, finish), each placeholder replaced by its token."""
-        picks, failed, broken, _tokens = flight.sampled.result()
-        failed = dict(failed)
-        self.ctx.scheduler.cache_computed(flight.sched, frozenset(broken))
-        failures = self.ctx.fail(broken)
+        launched = flight.launched.result()
+        self.ctx.scheduler.cache_computed(flight.sched, frozenset(launched.broken))
+        failures = self.ctx.fail(launched.broken)
+        failed = dict(launched.failed)
+        picks = launched.picks
+        if launched.launch is not None:
+            out = launched.launch.finish()  # waits for the copy back
+            tokens = generated_tokens(out)
+            picks = []
+            for j, (state, seq, _row) in enumerate(launched.sampled):
+                if state is None or seq is None:
+                    continue
+                code = out.invalid.get(j)
+                if code:  # multinomial refuses the row: its request fails alone
+                    failed.setdefault(state.request.request_id, multinomial_error(code))
+                    continue
+                picks.append((state, [seq], [tokens[j]]))
         outputs: dict[str, RequestOutput] = {}
         for state, seqs, chosen in picks:
             request_id = state.request.request_id
-            if self.ctx.states.get(request_id) is not state or request_id in failed:
-                continue  # aborted (or failed) while the step ran
+            if not self._live(state) or request_id in failed:
+                continue  # finished at the step before, aborted, or failed
             try:
                 for seq, pick in zip(seqs, chosen, strict=True):
                     if seq.token_ids[-1] != PLACEHOLDER_TOKEN:

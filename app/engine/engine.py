@@ -203,8 +203,10 @@ class LLMEngine:
                     self.runner.step_timer,
                     self.runner.device,
                     # Looked up at each call: tests spy on the engine's own methods.
-                    forward=lambda sched: self._forward(sched),
-                    forward_isolated=lambda sched, rows: self._forward_isolated(sched, rows),
+                    forward=lambda sched, tokens: self._forward(sched, tokens),
+                    forward_isolated=lambda sched, rows, tokens: self._forward_isolated(
+                        sched, rows, tokens
+                    ),
                     advance=lambda state, seq, pick, outs: self._advance(state, seq, pick, outs),
                     fail=lambda failed: self._fail(failed),
                 )
@@ -510,8 +512,11 @@ class LLMEngine:
             observe(len(sched.seqs))
         return self.overlap.step(sched)
 
-    def _forward(self, sched: SchedulerOutput) -> StepResult:
-        result = self.runner.execute_step(sched)
+    def _forward(
+        self, sched: SchedulerOutput, handed_off: torch.Tensor | None = None
+    ) -> StepResult:
+        """``handed_off``: async scheduling's tokens still on the device (execute_step)."""
+        result = self.runner.execute_step(sched, handed_off=handed_off)
         if self.draft is not None:
             self.draft.mirror(sched)  # the draft's KV follows the target's, slot for slot
         return result
@@ -534,7 +539,10 @@ class LLMEngine:
         self._finish(state, out, FinishReason.LENGTH)
 
     def _forward_isolated(
-        self, sched: SchedulerOutput, sampling: list[ScheduledSeq]
+        self,
+        sched: SchedulerOutput,
+        sampling: list[ScheduledSeq],
+        handed_off: torch.Tensor | None = None,
     ) -> tuple[StepResult, dict[str, Exception]]:
         """The step's forward again, one request at a time: a request whose forward raises
         fails alone (with its own error), the others get their logits rows as before.
@@ -552,7 +560,7 @@ class LLMEngine:
             alone = SchedulerOutput(seqs=items, cow_copies=copies, num_batched_tokens=tokens)
             copies = []
             try:
-                result = self._forward(alone)
+                result = self._forward(alone, handed_off)
             except Exception as err:
                 logger.exception("request %s failed in the forward", request_id)
                 failed[request_id] = err

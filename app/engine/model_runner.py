@@ -124,14 +124,17 @@ class ModelRunner:
         return self.execute_step(out).logits
 
     @torch.inference_mode()
-    def execute_step(self, out: SchedulerOutput) -> StepResult:
+    def execute_step(
+        self, out: SchedulerOutput, handed_off: torch.Tensor | None = None
+    ) -> StepResult:
         """The step's forward: sampling logits, and prompt log-probs where chunks ask. With
         several models in the step, one forward per model, the logits rows put back in
-        `out.seqs` order."""
+        `out.seqs` order. ``handed_off``: the previous step's sampled tokens, on the device,
+        that input ids ``handed_off_id(j)`` stand for (async scheduling)."""
         self.copy_blocks(out.cow_copies)
         first = out.seqs[0].model if out.seqs else 0
         if all(item.model == first for item in out.seqs):
-            return self._forward(first, out.seqs)
+            return self._forward(first, out.seqs, handed_off)
         groups: dict[int, list[int]] = {}
         for i, item in enumerate(out.seqs):
             groups.setdefault(item.model, []).append(i)
@@ -142,7 +145,7 @@ class ModelRunner:
         order: list[int] = []  # for each row of cat(parts), its row in out.seqs order
         prompt: list[tuple[ScheduledSeq, list[PromptLogprob]]] = []
         for model, members in groups.items():
-            result = self._forward(model, [out.seqs[i] for i in members])
+            result = self._forward(model, [out.seqs[i] for i in members], handed_off)
             parts.append(result.logits)
             prompt.extend(result.prompt_logprobs)
             for i in members:
@@ -153,7 +156,9 @@ class ModelRunner:
         logits = logits.index_select(0, inverse.to(logits.device))
         return StepResult(logits, prompt)
 
-    def _forward(self, index: int, seqs: list[ScheduledSeq]) -> StepResult:
+    def _forward(
+        self, index: int, seqs: list[ScheduledSeq], handed_off: torch.Tensor | None
+    ) -> StepResult:
         """One model's forward over its sequences of the step."""
         model, kv = self.models[index], self.kv_caches[index]
         asking = any(item.prompt_targets for item in seqs)
@@ -165,6 +170,8 @@ class ModelRunner:
         prompt: list[tuple[ScheduledSeq, list[PromptLogprob]]] = []
         if graphs is not None and shape is not None:
             rows = graphs.prepare(seqs, shape)
+            if handed_off is not None:
+                take_handed_off(graphs.buffers.input_ids[: len(seqs)], handed_off)
             self.step_timer.forward_started()
             logits = graphs.run(shape, rows)
         else:
@@ -176,6 +183,8 @@ class ModelRunner:
                 paged_decode=model.paged_decode,
                 paged_chunk_tokens=model.paged_chunk_tokens,
             )
+            if handed_off is not None:
+                take_handed_off(step.input_ids, handed_off)
             if lora:  # each token row runs with its sequence's adapter (None: the base)
                 rows = chain.from_iterable(repeat(item.lora, len(item.token_ids)) for item in seqs)
                 step.lora = StepLoRA.build(rows, self.device, self.lora_stacks)
@@ -211,6 +220,21 @@ class ModelRunner:
                     del entry.top[item.prompt_top_n :]
                 result.append((item, entries))
         return result
+
+
+def handed_off_id(index: int) -> int:
+    """The input id that stands for ``handed_off[index]`` (execute_step): the sampled token
+    of the step before, still on the device (async scheduling: the host does not know it
+    yet). Negative, so no vocabulary id; -1 stays async scheduling's placeholder."""
+    return -2 - index
+
+
+def take_handed_off(ids: torch.Tensor, handed_off: torch.Tensor) -> None:
+    """In place, on the device, no host sync: every ``handed_off_id(j)`` in ``ids`` becomes
+    ``handed_off[j]`` (vLLM v1 scatters the previous step's sampled ids into the next
+    step's input ids the same way)."""
+    index = (-2 - ids).clamp_(0, max(handed_off.numel() - 1, 0))
+    ids.copy_(torch.where(ids <= -2, handed_off.index_select(0, index), ids))
 
 
 def score_prompt_rows(

@@ -176,13 +176,13 @@ class Injector:
             name = "execute_step" if hasattr(engine.runner, "execute_step") else "execute"
             execute = getattr(engine.runner, name)
 
-            def faulty_execute(sched: Any) -> Any:
+            def faulty_execute(sched: Any, **kwargs: Any) -> Any:
                 for item in sched.seqs:
                     request = engine.scheduler.requests.get(item.request_id)
                     seqs = request.seqs if request is not None else []
                     if any(s.seq_id == item.seq_id and self.due(s.token_ids) for s in seqs):
                         self.fire(stage)
-                return execute(sched)
+                return execute(sched, **kwargs)
 
             self.monkeypatch.setattr(engine.runner, name, faulty_execute)
             return

@@ -4,15 +4,18 @@ engine's exactly (float64 tiny GPT-2 on CPU, where `on` forces the overlapped pa
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
+import torch
 
 from app.engine.async_scheduling import PLACEHOLDER_TOKEN, overlappable, resolve_async_scheduling
-from app.engine.core.scheduler import SchedulerOutput
+from app.engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from app.engine.engine import EngineConfig, LLMEngine
+from app.engine.model_runner import ModelRunner, handed_off_id
 from app.options.resolve import resolve_sampling_params
 from tests.unit.test_engine import PROMPTS
 
@@ -184,7 +187,8 @@ def test_next_step_is_scheduled_before_the_outputs_are_processed(
     tiny_model, tiny_tokenizer
 ) -> None:
     events: list[str] = []
-    forwards: list[list[list[int]]] = []
+    forwards: list[list[list[int]]] = []  # each forward's input ids, as the device saw them
+    handed: list[bool] = []  # whether a forward's decode input was still on the device
     device_threads: list[str] = []  # where forwards and sampler calls ran
     got = {}
     for mode in ("off", "on"):
@@ -200,41 +204,55 @@ def test_next_step_is_scheduled_before_the_outputs_are_processed(
             events.append("advance")
             advance(*args)
 
-        def spy_execute(out: SchedulerOutput, execute=execute):  # type: ignore[no-untyped-def]
-            forwards.append([list(item.token_ids) for item in out.seqs])
+        def spy_execute(out: SchedulerOutput, handed_off=None, execute=execute):  # type: ignore[no-untyped-def]
+            ids = [list(item.token_ids) for item in out.seqs]
+            handed.append(any(t <= -2 for seq in ids for t in seq))
+            if handed_off is not None:  # what execute_step resolves on the device
+                ids = [[int(handed_off[-2 - t]) if t <= -2 else t for t in seq] for seq in ids]
+            forwards.append(ids)
             device_threads.append(threading.current_thread().name)
-            return execute(out)
+            return execute(out, handed_off=handed_off)
 
-        def spy_sample(logits, rows, sample=engine.sampler.sample):  # type: ignore[no-untyped-def]
+        sampler = engine.sampler
+        name = "launch" if mode == "on" else "sample"
+
+        call = getattr(sampler, name)
+
+        def spy_sample(logits, rows, call=call):  # type: ignore[no-untyped-def]
             device_threads.append(threading.current_thread().name)
-            return sample(logits, rows)
+            return call(logits, rows)
 
         engine.scheduler.schedule = spy_schedule  # type: ignore[method-assign]
         engine._advance = spy_advance  # type: ignore[method-assign]
         engine.runner.execute_step = spy_execute  # type: ignore[method-assign]
-        engine.sampler.sample = spy_sample  # type: ignore[method-assign]
+        setattr(sampler, name, spy_sample)
         events.clear()
         forwards.clear()
+        handed.clear()
         device_threads.clear()
         prompt = tiny_tokenizer(PROMPTS[0])["input_ids"]
         got[mode] = run_workload(engine, {"a": (prompt, {"max_new_tokens": 4})})["a"]
         if mode == "off":
             assert events[:4] == ["schedule", "advance", "schedule", "advance"]
+            assert not any(handed)
         else:
-            # Step 2 is scheduled (and its forward launched) before step 1's token is
-            # processed; step 5 computes the finished sequence's extra token, discarded.
+            # Step 2 is scheduled (and queued) before step 1's token is processed; step 5
+            # computes the finished sequence's extra token, discarded.
             assert events[:5] == ["schedule", "schedule", "advance", "schedule", "advance"]
             assert events.count("advance") == 4
+            # Every decode's input token was handed over on the device: the host did not
+            # know it when the forward was queued.
+            assert handed == [False, True, True, True, True]
         # Overlapped: every forward and sampler call on the worker, none on the engine
-        # thread, which only waits for the step's tokens (4 forwards and 4 sampler calls,
-        # and the overlapped engine's fifth forward: the extra token, never sampled).
+        # thread, which only waits for the step's results (4 forwards and 4 sampler calls,
+        # and the overlapped engine's fifth step: the extra token, a discarded row).
         worker = {name.startswith("kogpt-step") for name in device_threads}
-        assert worker == {mode == "on"} and len(device_threads) == 8 + (mode == "on")
+        assert worker == {mode == "on"} and len(device_threads) == 8 + 2 * (mode == "on")
         # Every decode's input is the token emitted before it: the placeholder never
         # reaches the forward.
         decodes = [seqs[0] for seqs in forwards[1:]]
         assert all(PLACEHOLDER_TOKEN not in ids for seqs in forwards for ids in seqs)
-        assert [ids[0] for ids in decodes[:3]] == got[mode].tokens[:3]
+        assert [ids[0] for ids in decodes[:4]] == got[mode].tokens[: len(decodes[:4])]
     assert got["on"] == got["off"]
 
 
@@ -316,15 +334,109 @@ def test_a_failing_forward_fails_its_request_alone(tiny_model, tiny_tokenizer) -
         engine = make_engine(tiny_model, tiny_tokenizer, mode)
         execute = engine.runner.execute_step
 
-        def exploding(out: SchedulerOutput, execute=execute):  # type: ignore[no-untyped-def]
+        def exploding(out: SchedulerOutput, handed_off=None, execute=execute):  # type: ignore[no-untyped-def]
             for item in out.seqs:
                 if item.request_id == "bad" and item.start_pos >= bad_len + 2:
                     raise RuntimeError("boom")
-            return execute(out)
+            return execute(out, handed_off=handed_off)
 
         engine.runner.execute_step = exploding  # type: ignore[method-assign]
         got[mode] = run_workload(engine, jobs)
         assert got[mode]["bad"].error is not None and "boom" in got[mode]["bad"].error
         assert len(got[mode]["bad"].tokens) == 3
         assert len(got[mode]["a"].tokens) == GREEDY["max_new_tokens"]
+    assert got["on"] == got["off"]
+
+
+@pytest.mark.parametrize("static_decode", [False, True])
+def test_the_padded_decode_takes_the_handed_off_tokens(
+    tiny_model, tiny_tokenizer, static_decode: bool
+) -> None:
+    """Overlapped steps on the padded decode (CUDA's graphs, run eagerly here) and on the
+    varlen forward give the synchronous engine's tokens."""
+    prompts = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
+    jobs = {f"r{i}": (p, {**SEEDED[i % 3], "max_new_tokens": 9 + i}) for i, p in enumerate(prompts)}
+    jobs["g"] = (prompts[1], GREEDY)
+    expected, got, _sync, overlapped = both_ways(
+        tiny_model, tiny_tokenizer, jobs, static_decode=static_decode
+    )
+    assert got == expected
+    graphs = overlapped.runner.decode_graphs
+    assert (graphs is not None and graphs.num_padded_steps > 0) == static_decode
+
+
+@pytest.mark.parametrize("static_decode", [False, True])
+def test_handed_off_ids_resolve_on_the_device(tiny_model, static_decode: bool) -> None:
+    """execute_step with `handed_off`: each id handed_off_id(j) reads handed_off[j], in
+    every forward (varlen, padded) and per model when several run in one step; the logits
+    equal those of the same step with the ids written on the host."""
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+
+    def runner() -> ModelRunner:
+        return ModelRunner(
+            tiny_model, 16, 4, static_decode=static_decode, max_num_seqs=8, more_models=[other]
+        )
+
+    prefill = [
+        ScheduledSeq(0, "a", [5, 6, 7], 0, [0], True),
+        ScheduledSeq(1, "b", [8, 9], 0, [1], True, model=1),
+        ScheduledSeq(2, "c", [10, 11, 12, 13, 14], 0, [2, 3], True),
+    ]
+    host, device = runner(), runner()
+    for r in (host, device):
+        r.execute_step(SchedulerOutput(seqs=prefill, num_batched_tokens=10))
+    tokens = [21, 34, 40]
+    decode = [(0, "a", 3, [0], 0), (1, "b", 2, [1], 1), (2, "c", 5, [2, 3], 0)]
+    handed_off = torch.tensor([99, 40, 34, 21])  # this order: ids point into it
+
+    def step(ids: list[int]) -> SchedulerOutput:
+        seqs = [
+            ScheduledSeq(seq, rid, [t], start, table, True, model=m)
+            for (seq, rid, start, table, m), t in zip(decode, ids, strict=True)
+        ]
+        return SchedulerOutput(seqs=seqs, num_batched_tokens=3)
+
+    want = host.execute_step(step(tokens)).logits
+    marked = [handed_off_id(3), handed_off_id(2), 40]  # a host id may stand beside them
+    got = device.execute_step(step(marked), handed_off=handed_off).logits
+    assert torch.equal(got, want)
+    graphs = device.decode_graphs
+    assert (graphs is not None and graphs.num_padded_steps == 1) == static_decode
+
+
+def test_an_invalid_distribution_fails_its_request_alone(tiny_model, tiny_tokenizer) -> None:
+    """A row whose probabilities multinomial refuses (NaN logits here) fails its request
+    with multinomial's error, read back with the step's tokens: the other requests go on
+    exactly as in the synchronous engine (which retries its batch request by request)."""
+    prompts = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
+    jobs = {
+        "a": (prompts[0], GREEDY),
+        "bad": (prompts[1], {**SEEDED[1], "max_new_tokens": 12}),
+        "b": (prompts[2], SEEDED[0]),
+        "c": (prompts[3], SEEDED[2]),
+    }
+    bad_len = len(prompts[1])
+    got = {}
+    for mode in ("off", "on"):
+        engine = make_engine(tiny_model, tiny_tokenizer, mode)
+        execute = engine.runner.execute_step
+
+        def poisoned(out: SchedulerOutput, handed_off=None, execute=execute):  # type: ignore[no-untyped-def]
+            result = execute(out, handed_off=handed_off)
+            sampling = [item for item in out.seqs if item.sample]
+            with torch.inference_mode():  # the logits are an inference tensor
+                for row, item in enumerate(sampling):
+                    if item.request_id == "bad" and item.start_pos >= bad_len + 3:
+                        result.logits[row] = float("nan")
+            return result
+
+        engine.runner.execute_step = poisoned  # type: ignore[method-assign]
+        got[mode] = run_workload(engine, jobs)
+        bad = got[mode]["bad"]
+        assert bad.error is not None and "probability tensor contains" in bad.error
+        assert len(bad.tokens) == 4
+        assert len(got[mode]["c"].tokens) == SEEDED[2]["max_new_tokens"]
     assert got["on"] == got["off"]

@@ -36,9 +36,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from app.engine.core.scheduler import ScheduledSeq, SchedulerOutput
-from app.engine.model_runner import ModelRunner
+from app.engine.model_runner import ModelRunner, handed_off_id
 from app.engine.sample import seeded_draw
-from app.engine.sample.group_sampling import sample_chunk
+from app.engine.sample.group_sampling import generated_tokens, launch_chunk, sample_chunk
 from app.engine.sample.row import SamplingRow
 from app.engine.sample.sampler import Sampler
 from app.modeling import gpt2
@@ -66,7 +66,7 @@ DATA_DEPENDENT = {
 class Crossing:
     kind: str  # "to device", "to host", "scalar read", "data-dependent shape", "synchronize"
     non_blocking: bool
-    pinned: bool  # a host-to-device copy's source is pinned memory
+    pinned: bool  # the host side of a copy (source going up, destination back) is pinned
     where: str  # the app/ line that asked for it
 
     @property
@@ -101,10 +101,11 @@ class HostDeviceTraffic(TorchDispatchMode):
         pinned = _is_host_tensor(source) and bool(source.is_pinned())
         self.crossings.append(Crossing(kind, non_blocking, pinned, _caller()))
 
-    def copy(self, src: Any, dst_device: torch.device, non_blocking: bool) -> None:
+    def copy(self, src: Any, dst_device: torch.device, non_blocking: bool, dst: Any = None) -> None:
+        """`pinned`: the host side is pinned (the source going up, the destination back)."""
         if src.device.type != dst_device.type:
-            kind = "to device" if dst_device.type == "cuda" else "to host"
-            self.record(kind, non_blocking, src)
+            up = dst_device.type == "cuda"
+            self.record("to device" if up else "to host", non_blocking, src if up else dst)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -112,7 +113,7 @@ class HostDeviceTraffic(TorchDispatchMode):
             self.copy(args[0], torch.device(kwargs["device"]), kwargs.get("non_blocking", False))
         elif func is aten.copy_.default:
             non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
-            self.copy(args[1], args[0].device, bool(non_blocking))
+            self.copy(args[1], args[0].device, bool(non_blocking), args[0])
         elif func is aten._local_scalar_dense.default and _is_cuda(args[0]):
             self.record("scalar read")
         elif func in DATA_DEPENDENT and _is_cuda(args[0]):
@@ -386,3 +387,38 @@ def test_the_counter_sees_what_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
             x.copy_(host, non_blocking=True)
             x.copy_(host.pin_memory())
         assert [c.async_upload for c in traffic.crossings] == [True, False, False]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_overlapped_step_queues_without_waiting(
+    monkeypatch: pytest.MonkeyPatch, decode_step: Callable[..., DecodeStep], case: str
+) -> None:
+    """Async scheduling's worker job (app/engine/async_scheduling.py): the forward takes the
+    previous step's tokens on the device (`handed_off`), the sampler call is launched and
+    its results start back in one non-blocking copy. Nothing in it waits for the device,
+    so the worker queues step k+1 while step k runs; the one wait is the engine thread's,
+    on that copy (`SampleLaunch.finish`)."""
+    with fake_cuda(monkeypatch), check_draws(monkeypatch):
+        step = decode_step(CASES[case])
+        step.run()  # the first step: the sampler's staged settings go up once
+        n = len(step.rows)
+        previous = torch.arange(100, 100 + n, device=CUDA)  # step k's tokens, on the device
+        for j, item in enumerate(step.sched.seqs):
+            item.token_ids[-1] = handed_off_id(n - 1 - j)
+        chunk = [(None, [None] * n, step.rows, list(range(n)))]
+        with count_traffic() as traffic:
+            step.runner.step_timer.begin_step(continuing=True)
+            result = step.runner.execute_step(step.sched, handed_off=previous)
+            launch = launch_chunk(step.sampler, result.logits, chunk)
+        queued = traffic.crossings
+        with count_traffic() as traffic:
+            picks = generated_tokens(launch.finish())
+        waited = traffic.crossings
+    assert len(picks) == n
+    uploads = [c for c in queued if c.kind == "to device"]
+    assert len(uploads) == 1 and uploads[0].async_upload, _describe(queued)
+    back = [c for c in queued if c.kind != "to device"]
+    assert [(c.kind, c.non_blocking, c.pinned) for c in back] == [("to host", True, True)], (
+        _describe(queued)
+    )
+    assert [c.kind for c in waited] == ["synchronize"], _describe(waited)

@@ -16,7 +16,7 @@ from app.engine.core.request import Sequence
 from app.engine.outputs import GeneratedToken
 from app.engine.request_state import RequestState
 from app.engine.sample.row import SamplingRow
-from app.engine.sample.sampler import Sampler
+from app.engine.sample.sampler import SampleLaunch, Sampler, SamplerOutput
 
 
 def sampling_rows(
@@ -103,15 +103,31 @@ def sample_built(
 def sample_chunk(
     sampler: Sampler, logits: torch.Tensor, chunk: list[tuple[Any, ...]]
 ) -> list[GeneratedToken]:
+    return generated_tokens(sampler.sample(*chunk_rows(logits, chunk)))
+
+
+def launch_chunk(
+    sampler: Sampler, logits: torch.Tensor, chunk: list[tuple[Any, ...]]
+) -> SampleLaunch:
+    """sample_chunk's sampler call, launched (Sampler.launch): its results read later."""
+    return sampler.launch(*chunk_rows(logits, chunk))
+
+
+def chunk_rows(
+    logits: torch.Tensor, chunk: list[tuple[Any, ...]]
+) -> tuple[torch.Tensor, list[SamplingRow]]:
+    """The chunk's logits rows (a zero row for dummy rows) and its sampler rows."""
     rows = [r for _state, _seqs, sampler_rows, _lr in chunk for r in sampler_rows]
     index = [i for *_rest, logit_rows in chunk for i in logit_rows]
     if index == list(range(logits.shape[0])):
-        picked = logits  # the sampler copies before it changes anything
-    else:
-        if logits.shape[0] in index:  # a dummy row: zeros
-            logits = torch.cat([logits, logits.new_zeros(1, logits.shape[1])])
-        picked = logits.index_select(0, torch.tensor(index, device=logits.device))
-    res = sampler.sample(picked, rows)
+        return logits, rows  # the sampler copies before it changes anything
+    if logits.shape[0] in index:  # a dummy row: zeros
+        logits = torch.cat([logits, logits.new_zeros(1, logits.shape[1])])
+    return logits.index_select(0, torch.tensor(index, device=logits.device)), rows
+
+
+def generated_tokens(res: SamplerOutput) -> list[GeneratedToken]:
+    """A sampler call's rows as the engine's tokens."""
     n = len(res.token_ids)
     top_ids = res.top_token_ids or [[] for _ in range(n)]
     top_lps = res.top_logprobs or [[] for _ in range(n)]

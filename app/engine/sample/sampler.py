@@ -28,10 +28,13 @@ Host-device traffic (CUDA): the call plans on the host first, stages every row s
 per-row setting the plain rows' device work reads (the gather into plan order, the warpers'
 rows and settings, the noise rows, the log-prob rows, the top-n rows) in `DeviceInputs`, and
 sends them in one non-blocking copy (none when they equal the previous call's). Everything the
-host needs back (tokens, their log-probs, the draw's validity check, the top-n ids and
-log-probs) comes back in one copy of one packed float64 tensor (ids below 2^53 and float32
-values are exact in it). Rows with logits options, guidance or grammar still make their own
-transfers (docs/ARCHITECTURE.md, "Host-device syncs of a decode step").
+host needs back (tokens, their log-probs, multinomial's validity check per drawn row, the
+top-n ids and log-probs) comes back in one copy of one packed float64 tensor (ids below 2^53
+and float32 values are exact in it). `sample` reads it at once; `launch` (async scheduling)
+leaves the tokens on the device for the next step's inputs and starts the copy non-blocking
+into pinned memory, and `SampleLaunch.finish` waits for it later. Rows with logits options,
+guidance or grammar still make their own transfers (docs/ARCHITECTURE.md, "Host-device
+syncs of a decode step").
 
 Log-probs: `processed_logprobs` is log_softmax of the processed scores (HF's output_scores),
 the distribution the token was actually chosen from; top-n alternatives rank by it.
@@ -44,6 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,7 +55,12 @@ from app.engine.sample.device_inputs import DeviceInputs, RowSelection, UploadCa
 from app.engine.sample.logits_processors import Extra, HFRowFallback, apply_post, apply_processors
 from app.engine.sample.logits_warpers import plan_warpers, run_warpers
 from app.engine.sample.row import SamplingRow
-from app.engine.sample.seeded_draw import NoiseFills, gumbel_argmax, probs_invalid, raise_invalid
+from app.engine.sample.seeded_draw import (
+    NoiseFills,
+    gumbel_argmax,
+    invalid_codes,
+    multinomial_error,
+)
 from app.engine.sample.top_k_rows import (
     TopKRows,
     draw_top_k_rows,
@@ -73,6 +82,9 @@ class SamplerOutput:
     top_token_ids: list[list[int]] = field(default_factory=list)
     top_logprobs: list[list[float]] = field(default_factory=list)
     raw_logits: torch.Tensor | None = field(default=None, repr=False)
+    # Rows multinomial's checks refuse -> seeded_draw's code; the first drawn first. `sample`
+    # raises for them; a launched call's caller fails their requests.
+    invalid: dict[int, int] = field(default_factory=dict)
     _raw: list[float] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -86,6 +98,70 @@ class SamplerOutput:
             chosen = torch.tensor(self.token_ids, device=raw.device)[:, None]
             self._raw = raw.gather(1, chosen)[:, 0].tolist()
         return self._raw
+
+
+@dataclass
+class SampleLaunch:
+    """A sampler call whose device work is queued: `tokens` (plan order; row i's is at
+    `position[i]`) stay on the device, everything the host needs comes back in one packed
+    float64 copy (`start_copy`: non-blocking into pinned memory on CUDA; else `finish` copies
+    it). `finish` waits for it and unpacks the SamplerOutput."""
+
+    tokens: torch.Tensor
+    order: list[int]  # plan position -> row
+    drawn: list[int]  # plan positions of the rows drawn by multinomial (validity codes)
+    top: tuple[list[int], int] | None  # the plan positions asking top-n, and n
+    top_n: list[int]  # per plan position, the row's own top_n
+    packed: torch.Tensor
+    raw_logits: torch.Tensor
+    _host: torch.Tensor | None = field(default=None, repr=False)
+    _copied: Any = field(default=None, repr=False)  # the CUDA event after the copy
+
+    @property
+    def position(self) -> list[int]:
+        """Row -> its plan position (its token's index in `tokens`)."""
+        return _unpermute(list(range(len(self.order))), self.order)
+
+    def start_copy(self) -> None:
+        """On CUDA, the copy back starts now, non-blocking into pinned memory: nothing waits
+        until `finish` (the step worker goes on to queue the next step)."""
+        if self.packed.device.type != "cuda" or self._host is not None:
+            return
+        self._host = torch.empty(self.packed.shape, dtype=self.packed.dtype).pin_memory()
+        self._host.copy_(self.packed, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def finish(self) -> SamplerOutput:
+        """The results on the host (waits for the device's work up to the copy)."""
+        if self._host is not None:
+            self._copied.synchronize()
+            host = self._host.tolist()
+        else:  # the call's one device-to-host copy (none on CPU)
+            host = self.packed.to("cpu").tolist()
+        order, size, drawn, top = self.order, len(self.order), self.drawn, self.top
+        out = SamplerOutput(
+            _unpermute([int(t) for t in host[:size]], order),
+            _unpermute(host[size : 2 * size], order),
+            raw_logits=self.raw_logits,
+        )
+        at = 2 * size
+        if drawn:
+            codes = host[at : at + len(drawn)]
+            out.invalid = {order[p]: int(c) for p, c in zip(drawn, codes, strict=True) if c}
+            at += len(drawn)
+        out.top_token_ids = [[] for _ in order]
+        out.top_logprobs = [[] for _ in order]
+        if top is not None:
+            members, n = top
+            flat_values = host[at : at + len(members) * n]
+            flat_ids = host[at + len(members) * n : at + 2 * len(members) * n]
+            for j, p in enumerate(members):
+                vals = flat_values[j * n : (j + 1) * n]
+                keep = [k for k in range(min(self.top_n[p], n)) if math.isfinite(vals[k])]
+                out.top_token_ids[order[p]] = [int(flat_ids[j * n + k]) for k in keep]
+                out.top_logprobs[order[p]] = [vals[k] for k in keep]
+        return out
 
 
 @dataclass
@@ -145,6 +221,21 @@ class Sampler:
             touched[i] = True
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """One token per row; a row whose probabilities multinomial would refuse raises its
+        error (the first such row's) with every generator as it was before the call."""
+        return self._run(logits, rows, finish=True)  # type: ignore[return-value]
+
+    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleLaunch:
+        """The call's device work, queued: the tokens stay on the device (the next step's
+        input ids take them there, app/engine/async_scheduling.py) while the results come
+        back in one non-blocking copy that `SampleLaunch.finish` waits for. A row refused by
+        multinomial's checks is reported there, per row (`SamplerOutput.invalid`): its
+        generator has drawn, and its request fails."""
+        return self._run(logits, rows, finish=False)  # type: ignore[return-value]
+
+    def _run(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], finish: bool
+    ) -> SamplerOutput | SampleLaunch:
         _check_shape(logits, rows)
         plan = _Plan.of(rows, logits.shape[-1], logits.device)
         sampling = sorted(plan.full + plan.top_k)  # the noise rows follow the batch order
@@ -153,19 +244,26 @@ class Sampler:
             [rows[i].generator for i in sampling], self.generator, logits.shape[-1], logits.device
         )
         try:
-            return self._sample(logits, rows, plan, fills, {i: j for j, i in enumerate(sampling)})
+            launch = self._launch(logits, rows, plan, fills, {i: j for j, i in enumerate(sampling)})
+            if not finish:
+                launch.start_copy()
+                return launch
+            out = launch.finish()
+            if out.invalid:
+                raise multinomial_error(next(iter(out.invalid.values())))
+            return out
         except BaseException:
             fills.rewind()  # as multinomial, a failed call leaves the generators untouched
             raise
 
-    def _sample(
+    def _launch(
         self,
         logits: torch.Tensor,
         rows: Sequence[SamplingRow],
         plan: _Plan,
         fills: NoiseFills,
         noise_of: dict[int, int],
-    ) -> SamplerOutput:
+    ) -> SampleLaunch:
         """The rows in plan order: greedy [0, ng), full-row sampling [ng, nf), top-k [nf, S);
         the float32 copy (HF's) is the gather into that order."""
         order = plan.order
@@ -211,13 +309,12 @@ class Sampler:
             apply_post(scores, extra, touched, self.fallback)
         tokens = torch.empty(size, dtype=torch.long, device=device)
         logprobs = torch.full((size,), math.nan, dtype=torch.float32, device=device)
-        invalid: torch.Tensor | None = None  # read back with the tokens: multinomial's check
-        probs: torch.Tensor | None = None
+        codes: torch.Tensor | None = None  # read back with the tokens: multinomial's checks
         if ng:
             tokens[:ng] = torch.argmax(scores[:ng], dim=-1)
         if full:
             probs = torch.softmax(draw_rows.take(scores), dim=-1)
-            invalid = probs_invalid(probs)
+            codes = invalid_codes(probs)
             draw_rows.put(tokens, gumbel_argmax(probs, noise_rows.take(fills.tensor())))
         if top_k is not None:
             idx = torch.tensor(fast, device=device)
@@ -233,35 +330,15 @@ class Sampler:
                 lp = torch.log_softmax(sel.take(scores), dim=-1).gather(1, chosen)
                 sel.put(logprobs, lp[:, 0])
         top = self._top_n(scores, prow, asking, asking_sel, inputs, top_k, fast)
-        # The call's one device-to-host copy.
+        # What the host needs, packed for the call's one device-to-host copy.
         parts = [tokens, logprobs]
-        if invalid is not None:
-            parts.append(invalid.reshape(1))
+        if codes is not None:
+            parts.append(codes)
         if top is not None:
             parts += [top[1].reshape(-1), top[2].reshape(-1)]
-        host = torch.cat([p.to(torch.float64) for p in parts]).to("cpu").tolist()
-        if invalid is not None and host[2 * size]:
-            assert probs is not None
-            raise_invalid(probs)  # multinomial's error for the first invalid row
-        out = SamplerOutput(
-            _unpermute([int(t) for t in host[:size]], order),
-            _unpermute(host[size : 2 * size], order),
-            raw_logits=logits,
-        )
-        out.top_token_ids = [[] for _ in prow]
-        out.top_logprobs = [[] for _ in prow]
-        if top is not None:
-            members, values, _ids = top
-            n = values.shape[-1]
-            at = 2 * size + int(invalid is not None)
-            flat_values = host[at : at + len(members) * n]
-            flat_ids = host[at + len(members) * n : at + 2 * len(members) * n]
-            for j, p in enumerate(members):
-                vals = flat_values[j * n : (j + 1) * n]
-                keep = [k for k in range(min(prow[p].top_n, n)) if math.isfinite(vals[k])]
-                out.top_token_ids[order[p]] = [int(flat_ids[j * n + k]) for k in keep]
-                out.top_logprobs[order[p]] = [vals[k] for k in keep]
-        return out
+        packed = torch.cat([p.to(torch.float64) for p in parts])
+        top_rows = None if top is None else (top[0], top[1].shape[-1])
+        return SampleLaunch(tokens, order, full, top_rows, [r.top_n for r in prow], packed, logits)
 
     @staticmethod
     def _top_n(

@@ -133,6 +133,32 @@ def raise_invalid(probs: torch.Tensor) -> None:
     raise RuntimeError("invalid multinomial distribution")  # unreachable: one row raised
 
 
+# multinomial's verdict on one row of probabilities, as `invalid_codes` reports it.
+VALID, BAD_VALUES, ZERO_SUM = 0, 1, 2
+
+
+def invalid_codes(probs: torch.Tensor) -> torch.Tensor:
+    """multinomial's checks row by row, on the device: [n] int64, VALID, BAD_VALUES (an inf,
+    NaN or negative entry: its first check) or ZERO_SUM (its second). Read back with the
+    tokens, so a row's failure is known per row without a sync here."""
+    if probs.numel() == 0:
+        return torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
+    bad = ~((probs.amax(1) < float("inf")) & (probs.amin(1) >= 0))  # NaN fails both
+    zero = probs.sum(1) == 0
+    return torch.where(bad, BAD_VALUES, torch.where(zero, ZERO_SUM, VALID))
+
+
+def multinomial_error(code: int) -> RuntimeError:
+    """The error torch.multinomial raises for a row with this `invalid_codes` code (its own
+    message, from a one-entry row that fails the same check)."""
+    row = torch.tensor([[float("nan") if code == BAD_VALUES else 0.0]])
+    try:
+        torch.multinomial(row, 1)
+    except RuntimeError as err:
+        return err
+    raise AssertionError(f"code {code}: multinomial accepted the row")
+
+
 def check_probs(probs: torch.Tensor) -> None:
     """Raise multinomial's error if a row is not a valid distribution (finite, >= 0, sum > 0)."""
     if bool(probs_invalid(probs)):
