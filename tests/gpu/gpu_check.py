@@ -21,7 +21,9 @@ On a CUDA host:
    static batch) at 1, 16, 64 and 256 concurrent, and the HTTP benchmark at 64 concurrent
    (tests/benchmarks/engine.py and http_load.py with ``--device cuda --dtype bfloat16``) on
    models/kogpt2-base-random (``make random-base``), writing their JSON and PNG under
-   docs/benchmarks/gpu/; their return codes and output tails go into the figures.
+   docs/benchmarks/gpu/; their return codes and output tails go into the figures. Then async
+   scheduling on against off at 64 and 256 concurrent (tests/benchmarks/async_scheduling.py,
+   its JSON there too): `auto` turns it on for CUDA, and this is its measurement.
 
 Figures go to docs/benchmarks/gpu_check.json (or ``--out``) and a table is printed.
 
@@ -234,18 +236,22 @@ def benchmark_commands(dry_run: bool, out_dir: Path) -> dict[str, list[str]]:
     scripts on the CPU at toy sizes, so that a GPU run finds them working."""
     engine = [sys.executable, "-m", "tests.benchmarks.engine", "--out", str(out_dir)]
     http = [sys.executable, "-m", "tests.benchmarks.http_load", "--out", str(out_dir)]
+    overlap = [sys.executable, "-m", "tests.benchmarks.async_scheduling", "--out", str(out_dir)]
     if dry_run:
         toy = ["--model", str(ROOT / "models" / "kogpt2-mini"), "--device", "cpu"]
         engine += [*toy, "--concurrency", "2", "--new-tokens", "2", "--rounds", "1"]
         engine += ["--skip", GPU_SKIP]
         http += [*toy, "--concurrency", "2", "--min-requests", "2"]
         http += ["--prompt-tokens", "4,8", "--new-tokens", "2,4"]
+        overlap += [*toy, "--concurrency", "2", "--new-tokens", "3", "--repeats", "1"]
     else:
         gpu = ["--model", str(ROOT / "models" / "kogpt2-base-random"), "--device", "cuda"]
         gpu += ["--dtype", "bfloat16"]
         engine += [*gpu, "--concurrency", "1,16,64,256", "--skip", GPU_SKIP]
         http += [*gpu, "--concurrency", "64"]
-    return {"engine": engine, "http": http}
+        # Async scheduling on / off (auto turns it on for CUDA on an expectation: this measures it).
+        overlap += [*gpu, "--concurrency", "64", "256", "--new-tokens", "64", "--repeats", "2"]
+    return {"engine": engine, "http": http, "async_scheduling": overlap}
 
 
 def run_benchmarks(dry_run: bool, out_dir: Path) -> dict[str, object]:

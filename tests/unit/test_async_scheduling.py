@@ -171,9 +171,10 @@ def test_preemption_under_a_tiny_pool(tiny_model, tiny_tokenizer) -> None:
 
 
 def test_unseeded_rows_draw_as_in_the_synchronous_engine(tiny_model, tiny_tokenizer) -> None:
-    """Rows of sequences that finished at the step in flight are not sampled, so they take
-    nothing from the generator the unseeded rows share (all admitted in the first step:
-    both engines sample the same rows in the same order)."""
+    """A row whose sequence's token in flight is its last (its length) is planned as a
+    discarded greedy row: it takes nothing from the generator the unseeded rows share, so
+    with finishes on length only (all admitted in the first step) both engines draw the
+    same numbers for the same rows."""
     prompts = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
     jobs = {
         f"u{i}": (p, {"max_new_tokens": 3 + 4 * i, "do_sample": True})
@@ -440,3 +441,41 @@ def test_an_invalid_distribution_fails_its_request_alone(tiny_model, tiny_tokeni
         assert len(bad.tokens) == 4
         assert len(got[mode]["c"].tokens) == SEEDED[2]["max_new_tokens"]
     assert got["on"] == got["off"]
+
+
+def test_a_failing_sampler_call_fails_its_request_alone(tiny_model, tiny_tokenizer) -> None:
+    """When the batched sampler call raises, the requests are sampled one at a time, as the
+    synchronous step does: the failing request fails, the others' tokens (then handed to
+    the next step from the host) are the synchronous engine's."""
+    prompts = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
+    poison = 0.55  # the temperature only the failing request uses
+    jobs = {
+        "a": (prompts[0], GREEDY),
+        "bad": (prompts[1], {**SEEDED[1], "temperature": poison}),
+        "b": (prompts[2], SEEDED[0]),
+        "c": (prompts[3], SEEDED[2]),
+    }
+    got = {}
+    for mode in ("off", "on"):
+        engine = make_engine(tiny_model, tiny_tokenizer, mode)
+        calls = {"sample": 0, "launch": 0}
+        for name in calls:
+            poison_sampler(engine.sampler, name, poison, calls)
+        got[mode] = run_workload(engine, jobs)
+        assert got[mode]["bad"].error is not None and "sampler boom" in got[mode]["bad"].error
+        assert got[mode]["bad"].tokens == []
+        assert (calls["launch"] > 0) == (mode == "on")
+    assert got["on"] == got["off"]
+
+
+def poison_sampler(sampler: Any, name: str, poison: float, calls: dict[str, int]) -> None:
+    """`sampler.<name>` raises for a call with a row at temperature `poison`; calls counted."""
+    call = getattr(sampler, name)
+
+    def failing(logits, rows):  # type: ignore[no-untyped-def]
+        calls[name] += 1
+        if any(row.temperature == poison for row in rows):
+            raise RuntimeError("sampler boom")
+        return call(logits, rows)
+
+    setattr(sampler, name, failing)

@@ -1,7 +1,8 @@
 """`make gpu-check`'s script in its CPU dry run (tests/gpu/gpu_check.py), so that it cannot
 rot between GPU runs: the decode step with the Triton kernel (interpreted) and with gather +
 SDPA at tiny sizes in bfloat16 and float16, their logits compared, figures written; the
-engine and HTTP benchmarks through the command lines the GPU run uses, at toy sizes."""
+engine, HTTP and async scheduling benchmarks through the command lines the GPU run uses, at
+toy sizes."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def test_gpu_check_dry_run_writes_its_figures(tmp_path: Path) -> None:
         assert row["gather_bucket_blocks"] * report["block_size"] >= row["max_context"]
     # The engine and HTTP benchmarks' GPU command lines, run at toy sizes on the CPU.
     runs = report["benchmarks"]
-    assert {name: run["returncode"] for name, run in runs.items()} == {"engine": 0, "http": 0}
+    codes = {name: run["returncode"] for name, run in runs.items()}
+    assert codes == {"engine": 0, "http": 0, "async_scheduling": 0}
     assert "--device cpu" in runs["engine"]["command"]
-    for written in ("engine_cpu.json", "http_e2e.json"):
+    for written in ("engine_cpu.json", "http_e2e.json", "async_scheduling_cpu.json"):
         assert json.loads((tmp_path / "benchmarks" / written).read_text(encoding="utf-8"))
