@@ -13,14 +13,14 @@ device, as vLLM scatters its sampled ids into the next input ids). So on CUDA th
 queues step k+1's forward and sampling while the device still runs step k, and the device
 runs step k+1 while the engine thread processes step k and schedules step k+2.
 
-A sequence that finished at step k had its extra token computed at step k+1: its output is
-never emitted, its blocks freed (never hashed into the prefix cache). Its row is sampled
-unless its finish was certain (its length: then a discarded greedy row, which draws nothing);
-a finish on eos or a stop string is known only after step k+1 was queued, so that row draws
-from its generator, and the unseeded rows after it (one shared generator, in row order) draw
-other numbers than the synchronous engine's. Greedy and seeded outputs are the synchronous
-engine's exactly. The engine falls back to its synchronous step, after draining the step in
-flight, whenever a request is not `overlappable`.
+A sequence whose token in flight is its last by length is not scheduled again (as in vLLM).
+One that finishes at step k on eos or a stop string is known only after step k+1 was queued:
+its extra token is computed and sampled at step k+1 and discarded (never emitted, its blocks
+freed, never hashed into the prefix cache); that row draws from its generator, so the
+unseeded rows after it (one shared generator, in row order) draw other numbers than the
+synchronous engine's. Greedy and seeded outputs are the synchronous engine's exactly. The
+engine falls back to its synchronous step, after draining the step in flight, whenever a
+request is not `overlappable`.
 
 Here: the setting, the eligibility rule, the worker (one thread, FIFO jobs) and
 `OverlappedSteps`, the overlapped step itself, which sees the engine through an
@@ -107,8 +107,8 @@ Planned = tuple[RequestState | None, Sequence | None, SamplingRow]
 
 
 def discarded_row() -> SamplingRow:
-    """The row of a sequence with nothing to sample (an aborted request's, or one whose
-    token in flight is its last): greedy, no log-prob, computed and discarded."""
+    """The row of a sequence with nothing to sample (an aborted request's): greedy, no
+    log-prob, computed and discarded."""
     return SamplingRow(token_ids=(), logprob=False)
 
 
@@ -225,11 +225,10 @@ class OverlappedSteps:
 
     def _plan(self, sched: SchedulerOutput) -> list[Planned]:
         """On the engine thread, before step k is processed: one sampler row per sampling
-        sequence of step k+1. A sequence whose token in flight reaches its length finishes
-        with it for sure: its row is a discarded greedy one, which draws nothing, so the
-        unseeded rows (one shared generator, in row order) draw what the synchronous
-        engine's do. One that finishes at step k on eos or a stop string cannot be known
-        yet: its row draws, and is discarded."""
+        sequence of step k+1; a request already gone gets a discarded greedy row, which
+        draws nothing. (A sequence whose token in flight reaches its length is not
+        scheduled at all: Scheduler._last_token_in_flight.) One that finishes at step k on
+        eos or a stop string cannot be known yet: its row draws, and is discarded."""
         planned: list[Planned] = []
         for item in sched.seqs:
             if not item.sample:
@@ -237,10 +236,6 @@ class OverlappedSteps:
             state = self.ctx.states.get(item.request_id)
             seq = state.request.seqs[0] if state is not None else None  # one sequence
             if state is None or seq is None or seq.seq_id != item.seq_id or seq.is_finished:
-                planned.append((None, None, discarded_row()))
-                continue
-            in_flight = seq.token_ids[-1] == PLACEHOLDER_TOKEN
-            if in_flight and len(seq.token_ids) >= state.params.stop_length(seq.prompt_len):
                 planned.append((None, None, discarded_row()))
                 continue
             row = SamplingRow.from_params(

@@ -171,10 +171,10 @@ def test_preemption_under_a_tiny_pool(tiny_model, tiny_tokenizer) -> None:
 
 
 def test_unseeded_rows_draw_as_in_the_synchronous_engine(tiny_model, tiny_tokenizer) -> None:
-    """A row whose sequence's token in flight is its last (its length) is planned as a
-    discarded greedy row: it takes nothing from the generator the unseeded rows share, so
-    with finishes on length only (all admitted in the first step) both engines draw the
-    same numbers for the same rows."""
+    """A sequence whose token in flight is its last (its length) is not scheduled again,
+    so no row of it takes from the generator the unseeded rows share: with finishes on
+    length only (all admitted in the first step) both engines draw the same numbers for
+    the same rows."""
     prompts = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
     jobs = {
         f"u{i}": (p, {"max_new_tokens": 3 + 4 * i, "do_sample": True})
@@ -237,23 +237,23 @@ def test_next_step_is_scheduled_before_the_outputs_are_processed(
             assert events[:4] == ["schedule", "advance", "schedule", "advance"]
             assert not any(handed)
         else:
-            # Step 2 is scheduled (and queued) before step 1's token is processed; step 5
-            # computes the finished sequence's extra token, discarded.
+            # Step 2 is scheduled (and queued) before step 1's token is processed. The
+            # fifth schedule plans nothing: the token in flight is the last (length), so no
+            # extra forward is computed for it (vLLM's async scheduler skips it too).
             assert events[:5] == ["schedule", "schedule", "advance", "schedule", "advance"]
-            assert events.count("advance") == 4
+            assert events.count("advance") == 4 and events.count("schedule") == 5
             # Every decode's input token was handed over on the device: the host did not
             # know it when the forward was queued.
-            assert handed == [False, True, True, True, True]
+            assert handed == [False, True, True, True]
         # Overlapped: every forward and sampler call on the worker, none on the engine
-        # thread, which only waits for the step's results (4 forwards and 4 sampler calls,
-        # and the overlapped engine's fifth step: the extra token, a discarded row).
+        # thread, which only waits for the step's results (4 forwards, 4 sampler calls).
         worker = {name.startswith("kogpt-step") for name in device_threads}
-        assert worker == {mode == "on"} and len(device_threads) == 8 + 2 * (mode == "on")
+        assert worker == {mode == "on"} and len(device_threads) == 8
         # Every decode's input is the token emitted before it: the placeholder never
         # reaches the forward.
         decodes = [seqs[0] for seqs in forwards[1:]]
         assert all(PLACEHOLDER_TOKEN not in ids for seqs in forwards for ids in seqs)
-        assert [ids[0] for ids in decodes[:4]] == got[mode].tokens[: len(decodes[:4])]
+        assert [ids[0] for ids in decodes] == got[mode].tokens[:3]
     assert got["on"] == got["off"]
 
 

@@ -206,3 +206,29 @@ def test_models_are_admitted_in_turn() -> None:
         assert [r for r in flat if r[0] == "a"] == [f"a{i}" for i in range(6)]  # FCFS per model
         b_step = next(i for i, step in enumerate(admitted) if any(r[0] == "b" for r in step))
         assert b_step == first_b_step, admitted
+
+
+def test_a_last_token_in_flight_is_not_scheduled_again() -> None:
+    """Async scheduling appends a placeholder for the token a step is sampling, before the
+    step is read back. A one-sequence request whose tokens then reach its length is
+    finished by that token: no step is planned for it (its forward would be discarded).
+    A request below its length decodes; a request of several sequences is left alone."""
+    sim = SimEngine(num_blocks=32, block_size=4, max_num_batched_tokens=64)
+    last = sim.add("last", [1, 2, 3], max_new=2)
+    more = sim.add("more", [4, 5, 6], max_new=3)
+    pair = sim.add("pair", [7, 8, 9], max_new=2, n=2)
+    out = sim.scheduler.schedule()  # the prompts
+    sim.scheduler.update_from_output(out)
+    for request in (last, more, pair):
+        request.seqs[0].token_ids.append(-1)  # the first token, in flight
+    pair.seqs.append(pair.seqs[0].fork())
+    sim.scheduler.fork_sequence(pair.seqs[0], pair.seqs[1])
+    out = sim.scheduler.schedule()  # each decodes its first token
+    assert sorted({s.request_id for s in out.seqs}) == ["last", "more", "pair"]
+    sim.scheduler.update_from_output(out)
+    for request in (last, more, pair):
+        for seq in request.seqs:
+            seq.token_ids.append(-1)  # the second token, in flight: "last" and "pair" reach
+    out = sim.scheduler.schedule()  # their length (5 = 3 + 2)
+    assert sorted({s.request_id for s in out.seqs}) == ["more", "pair"]
+    assert len(last.seqs[0].token_ids) == last.max_total_tokens

@@ -157,6 +157,8 @@ class Scheduler:
             live = request.live_seqs
             if budget < len(live) or num_seqs + len(live) > self.config.max_num_seqs:
                 continue
+            if _last_token_in_flight(request, live):
+                continue
             plan = self._plan_chunks(live, budget)
             if not any(plan):
                 continue
@@ -428,3 +430,19 @@ class Scheduler:
         self.waiting.appendleft(request)
         self._waiting_models[request.model] += 1
         out.preempted.append(request.request_id)
+
+
+def _last_token_in_flight(request: Request, live: list[Sequence]) -> bool:
+    """One sequence whose token list already reaches the request's length, its last token
+    not computed: async scheduling's token in flight (the engine appended a placeholder for
+    it), which the engine finishes on length when it reads the token back. No step is
+    planned for it (vLLM's async scheduler skips the same requests): its forward would be
+    discarded. The synchronous engine finishes such a sequence as its last token arrives,
+    so it never gets here; requests of several sequences (beams, n > 1, a guidance
+    companion) never overlap and are left alone."""
+    if len(live) != 1:
+        return False
+    seq = live[0]
+    return seq.num_computed_tokens >= seq.prompt_len and len(seq.token_ids) >= (
+        request.max_total_tokens
+    )
