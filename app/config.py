@@ -221,7 +221,7 @@ class Settings(BaseSettings):
         "top-p sampling, seeded or not; no logits processors, beams, n > 1, drafts, prompt "
         "log-probs or exclusive lanes): greedy and seeded outputs the same (unseeded draws "
         "may differ, as in vLLM), less device idle time between steps. auto = on for CUDA, "
-        "off on CPU (0.97x measured there); on; off.",
+        "off on CPU (0.96-1.01x measured there); on; off.",
     )
     enable_prefix_caching: bool = Field(default=True, description="Share KV of equal prefixes.")
     max_input_tokens: int | None = Field(
