@@ -11,7 +11,9 @@ In bfloat16 (the server's default on CUDA) and float16, on the embedded model (4
 - greedy, seeded sampling, beams, n > 1 (copy on write) and prefix-cache hits through the
   engine: replayed graphs give exactly the tokens of the same padded step run eagerly, a
   seeded request repeats itself, and greedy agrees with the gather + SDPA path;
-- the KV pool sized from free memory counts the decode graphs, and everything fits.
+- the KV pool sized from free memory counts the decode graphs, and everything fits;
+- a decode step syncs once; async scheduling's overlapped step (tokens handed over on the
+  device, sampler launched) not at all, and gives the synchronous step's tokens.
 
 Run on a GPU host with `python -m pytest -m gpu tests/gpu -q` (or `make gpu-check`).
 """
@@ -27,8 +29,8 @@ import torch
 from app.config import Settings
 from app.engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from app.engine.engine import EngineConfig, LLMEngine
-from app.engine.model_runner import ModelRunner
-from app.engine.sample.group_sampling import sample_chunk
+from app.engine.model_runner import ModelRunner, handed_off_id
+from app.engine.sample.group_sampling import generated_tokens, launch_chunk, sample_chunk
 from app.engine.sample.row import SamplingRow, make_generator
 from app.engine.sample.sampler import Sampler
 from app.modeling.attention_metadata import SeqChunk, build_step_input
@@ -304,3 +306,67 @@ def test_a_decode_step_syncs_once(loaded, jobs: list[dict[str, Any]]) -> None:  
         assert len(picks) == 3
     assert runner.decode_graphs is not None and runner.decode_graphs.num_padded_steps == 2
     assert counted == [1, 1]  # the first step's staged settings go non-blocking: no sync
+
+
+@pytest.mark.parametrize(
+    "jobs",
+    [
+        [{"do_sample": False}] * 3,
+        [
+            {"do_sample": True, "top_k": 20, "top_p": 0.9, "seed": 3},
+            {"do_sample": False, "top_n_tokens": 3},
+            {"do_sample": True, "temperature": 0.7, "top_k": 5},
+        ],
+    ],
+    ids=["greedy", "mixed"],
+)
+def test_an_overlapped_decode_step_never_syncs(loaded, jobs: list[dict[str, Any]]) -> None:  # type: ignore[no-untyped-def]
+    """Async scheduling's worker job: the decode step with the previous step's tokens handed
+    over on the device (`handed_off`), the graph replay and the sampler call launched
+    (`Sampler.launch`) make no synchronizing call at all; its results come back later
+    (`SampleLaunch.finish`) and equal the synchronous step's for the same tokens."""
+    prompts = [long_prompt(loaded, n) for n in (40, 17, 90)]
+    tables = [list(range(8 * i, 8 * i + 8)) for i in range(3)]
+    previous = [5, 9, 12]  # step k's tokens
+
+    def setup() -> tuple[ModelRunner, Sampler, list[SamplingRow]]:
+        runner = ModelRunner(loaded.model, 64, 16, max_num_seqs=4)
+        runner.execute(
+            SchedulerOutput(
+                [ScheduledSeq(i, f"r{i}", p, 0, tables[i], True) for i, p in enumerate(prompts)]
+            )
+        )
+        rows = []
+        for job, p, token in zip(jobs, prompts, previous, strict=True):
+            params = resolve_sampling_params(job, {"eos_token_id": 1}, 1024, len(p))
+            gen = make_generator(params.seed, CUDA) if params.seed is not None else None
+            rows.append(SamplingRow.from_params(params, [*p, token], len(p), gen))
+        return runner, Sampler(torch.Generator(device=CUDA).manual_seed(0)), rows
+
+    def decode(ids: list[int]) -> SchedulerOutput:
+        return SchedulerOutput(
+            [
+                ScheduledSeq(i, f"r{i}", [ids[i]], len(p), tables[i], True)
+                for i, p in enumerate(prompts)
+            ]
+        )
+
+    runner, sampler, rows = setup()
+    chunk = [(None, [None] * 3, rows, [0, 1, 2])]
+    want = sample_chunk(sampler, runner.execute_step(decode(previous)).logits, chunk)
+    runner, sampler, rows = setup()
+    chunk = [(None, [None] * 3, rows, [0, 1, 2])]
+    handed_off = torch.tensor(previous[::-1], device=CUDA)  # on the device, in its own order
+    marked = [handed_off_id(2 - i) for i in range(3)]
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = runner.execute_step(decode(marked), handed_off=handed_off)
+            launch = launch_chunk(sampler, result.logits, chunk)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert sum("synchronizing CUDA operation" in str(w.message) for w in caught) == 0
+    assert generated_tokens(launch.finish()) == want
+    assert runner.decode_graphs is not None and runner.decode_graphs.num_padded_steps == 1
