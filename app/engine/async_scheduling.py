@@ -43,7 +43,7 @@ from app.engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from app.engine.model_runner import StepResult, handed_off_id
 from app.engine.outputs import GeneratedToken, RequestOutput
 from app.engine.request_state import RequestState
-from app.engine.sample.group_sampling import generated_tokens, launch_chunk, sample_chunk
+from app.engine.sample.group_sampling import generated_tokens, launch_chunk, sample_built
 from app.engine.sample.row import SamplingRow
 from app.engine.sample.sampler import SampleLaunch, Sampler
 from app.engine.sample.seeded_draw import multinomial_error
@@ -143,7 +143,6 @@ class InFlight:
     """An overlapped step queued on the worker and not yet read back."""
 
     sched: SchedulerOutput
-    planned: list[Planned]
     launched: Future[Launched]
 
 
@@ -198,7 +197,7 @@ class OverlappedSteps:
         planned = self._plan(sched)
         prior = None if previous is None else previous.launched
         launched = self._worker.submit(self._launch, sched, prior, planned)
-        self._inflight = InFlight(sched, planned, launched)
+        self._inflight = InFlight(sched, launched)
         outputs = self._collect(previous) if previous is not None else []
         self.ctx.scheduler.update_from_output(sched, cache_blocks=False)
         for state, seq, _row in planned:
@@ -254,16 +253,16 @@ class OverlappedSteps:
         time, as the synchronous step does."""
         self.ctx.step_timer.begin_step(continuing=prior is not None)
         handoff = prior.result().handoff if prior is not None else None
-        handed_off = None
+        index = {} if handoff is None else handoff.index
+        marked = False
         for item in sched.seqs:
             if item.token_ids and item.token_ids[-1] == PLACEHOLDER_TOKEN:
-                at = None if handoff is None else handoff.index.get(item.seq_id)
+                at = index.get(item.seq_id)
                 # No token: its request's sampling failed (it fails on the engine thread)
                 # or it finished; 0 is computed and discarded.
                 item.token_ids[-1] = 0 if at is None else handed_off_id(at)
-                if at is not None:
-                    assert handoff is not None
-                    handed_off = handoff.tokens
+                marked = marked or at is not None
+        handed_off = handoff.tokens if marked and handoff is not None else None
         sampling = [item for item in sched.seqs if item.sample]
         try:
             result, broken = self.ctx.forward(sched, handed_off), {}
@@ -286,8 +285,8 @@ class OverlappedSteps:
         self, logits: torch.Tensor, chunk: list[tuple[Any, ...]], launched: Launched
     ) -> None:
         """The step's one sampler call, launched: its tokens are the next step's hand-off.
-        If the batched launch raises, each request is sampled alone to the end (the
-        synchronous step's isolation); their tokens go to the device then."""
+        If the batched launch raises, the synchronous step's isolation (`sample_built`)
+        samples to the end; the tokens go to the device then."""
         try:
             launch = launch_chunk(self.ctx.sampler, logits, chunk)
         except Exception:
@@ -304,18 +303,9 @@ class OverlappedSteps:
                 },
             )
             return
-        ids: dict[int, int] = {}
-        for one in chunk:
-            state, seqs = one[0], one[1]
-            if state is None:
-                continue
-            try:
-                picks = sample_chunk(self.ctx.sampler, logits, [one])
-            except Exception as err:
-                launched.failed[state.request.request_id] = err
-                continue
-            launched.picks.append((state, seqs, picks))
-            ids[seqs[0].seq_id] = picks[0].id
+        live = [one for one in chunk if one[0] is not None]  # discarded rows: nothing to draw
+        launched.picks = sample_built(self.ctx.sampler, logits, live, launched.failed)
+        ids = {seqs[0].seq_id: chosen[0].id for _state, seqs, chosen in launched.picks if seqs}
         tokens = torch.tensor(list(ids.values()), dtype=torch.long, device=logits.device)
         launched.handoff = Handoff(tokens, {seq_id: j for j, seq_id in enumerate(ids)})
 

@@ -21,6 +21,9 @@ Run on a GPU host with `python -m pytest -m gpu tests/gpu -q` (or `make gpu-chec
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -258,7 +261,8 @@ def test_the_forward_itself_never_waits_for_the_gpu(loaded) -> None:  # type: ig
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize(
+# A decode step's rows: greedy only, and sampling mixed with log-probs.
+decode_jobs = pytest.mark.parametrize(
     "jobs",
     [
         [{"do_sample": False}] * 3,
@@ -270,103 +274,97 @@ def test_the_forward_itself_never_waits_for_the_gpu(loaded) -> None:  # type: ig
     ],
     ids=["greedy", "mixed"],
 )
-def test_a_decode_step_syncs_once(loaded, jobs: list[dict[str, Any]]) -> None:  # type: ignore[no-untyped-def]
-    """A whole decode step (padded inputs in, graph replay, the batched sampler call, its
-    results out) makes one synchronizing call: the copy back of tokens, log-probs and checks
-    (tests/unit/test_host_syncs.py counts every transfer, syncing or not, on fake CUDA)."""
-    runner = ModelRunner(loaded.model, 64, 16, max_num_seqs=4)
-    sampler = Sampler(torch.Generator(device=CUDA).manual_seed(0))
-    prompts = [long_prompt(loaded, n) for n in (40, 17, 90)]
-    tables = [list(range(8 * i, 8 * i + 8)) for i in range(3)]
-    runner.execute(
-        SchedulerOutput(
-            [ScheduledSeq(i, f"r{i}", p, 0, tables[i], True) for i, p in enumerate(prompts)]
-        )
-    )
-    rows = []
-    for job, p in zip(jobs, prompts, strict=True):
-        params = resolve_sampling_params(job, {"eos_token_id": 1}, 1024, len(p))
-        gen = make_generator(params.seed, CUDA) if params.seed is not None else None
-        rows.append(SamplingRow.from_params(params, [*p, 5], len(p), gen))
-    decode = SchedulerOutput(
-        [ScheduledSeq(i, f"r{i}", [5], len(p), tables[i], True) for i, p in enumerate(prompts)]
-    )
-    chunk = [(None, [None] * 3, rows, [0, 1, 2])]
-    counted: list[int] = []
-    for _ in range(2):
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                picks = sample_chunk(sampler, runner.execute_step(decode).logits, chunk)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        counted.append(sum("synchronizing CUDA operation" in str(w.message) for w in caught))
-        assert len(picks) == 3
-    assert runner.decode_graphs is not None and runner.decode_graphs.num_padded_steps == 2
-    assert counted == [1, 1]  # the first step's staged settings go non-blocking: no sync
+DECODE_TABLES = [list(range(8 * i, 8 * i + 8)) for i in range(3)]
 
 
-@pytest.mark.parametrize(
-    "jobs",
-    [
-        [{"do_sample": False}] * 3,
-        [
-            {"do_sample": True, "top_k": 20, "top_p": 0.9, "seed": 3},
-            {"do_sample": False, "top_n_tokens": 3},
-            {"do_sample": True, "temperature": 0.7, "top_k": 5},
-        ],
-    ],
-    ids=["greedy", "mixed"],
-)
-def test_an_overlapped_decode_step_never_syncs(loaded, jobs: list[dict[str, Any]]) -> None:  # type: ignore[no-untyped-def]
-    """Async scheduling's worker job: the decode step with the previous step's tokens handed
-    over on the device (`handed_off`), the graph replay and the sampler call launched
-    (`Sampler.launch`) make no synchronizing call at all; its results come back later
-    (`SampleLaunch.finish`) and equal the synchronous step's for the same tokens."""
-    prompts = [long_prompt(loaded, n) for n in (40, 17, 90)]
-    tables = [list(range(8 * i, 8 * i + 8)) for i in range(3)]
-    previous = [5, 9, 12]  # step k's tokens
+@dataclass
+class DecodeSetup:
+    """Three prompts prefilled on a fresh runner, and each one's sampler row for `jobs`."""
 
-    def setup() -> tuple[ModelRunner, Sampler, list[SamplingRow]]:
-        runner = ModelRunner(loaded.model, 64, 16, max_num_seqs=4)
-        runner.execute(
-            SchedulerOutput(
-                [ScheduledSeq(i, f"r{i}", p, 0, tables[i], True) for i, p in enumerate(prompts)]
-            )
-        )
-        rows = []
-        for job, p, token in zip(jobs, prompts, previous, strict=True):
-            params = resolve_sampling_params(job, {"eos_token_id": 1}, 1024, len(p))
-            gen = make_generator(params.seed, CUDA) if params.seed is not None else None
-            rows.append(SamplingRow.from_params(params, [*p, token], len(p), gen))
-        return runner, Sampler(torch.Generator(device=CUDA).manual_seed(0)), rows
+    runner: ModelRunner
+    sampler: Sampler
+    prompts: list[list[int]]
+    chunk: list[tuple[Any, ...]]
 
-    def decode(ids: list[int]) -> SchedulerOutput:
+    def decode(self, ids: list[int]) -> SchedulerOutput:
+        """One decode token per prompt (`ids`)."""
         return SchedulerOutput(
             [
-                ScheduledSeq(i, f"r{i}", [ids[i]], len(p), tables[i], True)
-                for i, p in enumerate(prompts)
+                ScheduledSeq(i, f"r{i}", [ids[i]], len(p), DECODE_TABLES[i], True)
+                for i, p in enumerate(self.prompts)
             ]
         )
 
-    runner, sampler, rows = setup()
-    chunk = [(None, [None] * 3, rows, [0, 1, 2])]
-    want = sample_chunk(sampler, runner.execute_step(decode(previous)).logits, chunk)
-    runner, sampler, rows = setup()
-    chunk = [(None, [None] * 3, rows, [0, 1, 2])]
-    handed_off = torch.tensor(previous[::-1], device=CUDA)  # on the device, in its own order
-    marked = [handed_off_id(2 - i) for i in range(3)]
+
+def decode_setup(loaded, jobs: list[dict[str, Any]], tokens: list[int]) -> DecodeSetup:  # type: ignore[no-untyped-def]
+    runner = ModelRunner(loaded.model, 64, 16, max_num_seqs=4)
+    prompts = [long_prompt(loaded, n) for n in (40, 17, 90)]
+    runner.execute(
+        SchedulerOutput(
+            [ScheduledSeq(i, f"r{i}", p, 0, DECODE_TABLES[i], True) for i, p in enumerate(prompts)]
+        )
+    )
+    rows = []
+    for job, p, token in zip(jobs, prompts, tokens, strict=True):
+        params = resolve_sampling_params(job, {"eos_token_id": 1}, 1024, len(p))
+        gen = make_generator(params.seed, CUDA) if params.seed is not None else None
+        rows.append(SamplingRow.from_params(params, [*p, token], len(p), gen))
+    sampler = Sampler(torch.Generator(device=CUDA).manual_seed(0))
+    return DecodeSetup(runner, sampler, prompts, [(None, [None] * 3, rows, [0, 1, 2])])
+
+
+@contextmanager
+def counted_syncs() -> Iterator[list[int]]:
+    """Synchronizing CUDA calls made inside (torch's sync debug mode, "warn"): the count is
+    in the yielded list once the block ends."""
+    count: list[int] = []
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            result = runner.execute_step(decode(marked), handed_off=handed_off)
-            launch = launch_chunk(sampler, result.logits, chunk)
+            yield count
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    assert sum("synchronizing CUDA operation" in str(w.message) for w in caught) == 0
+    count.append(sum("synchronizing CUDA operation" in str(w.message) for w in caught))
+
+
+@decode_jobs
+def test_a_decode_step_syncs_once(loaded, jobs: list[dict[str, Any]]) -> None:  # type: ignore[no-untyped-def]
+    """A whole decode step (padded inputs in, graph replay, the batched sampler call, its
+    results out) makes one synchronizing call: the copy back of tokens, log-probs and checks
+    (tests/unit/test_host_syncs.py counts every transfer, syncing or not, on fake CUDA)."""
+    setup = decode_setup(loaded, jobs, [5, 5, 5])
+    decode = setup.decode([5, 5, 5])
+    counted: list[int] = []
+    for _ in range(2):
+        with counted_syncs() as count:
+            logits = setup.runner.execute_step(decode).logits
+            picks = sample_chunk(setup.sampler, logits, setup.chunk)
+        counted += count
+        assert len(picks) == 3
+    graphs = setup.runner.decode_graphs
+    assert graphs is not None and graphs.num_padded_steps == 2
+    assert counted == [1, 1]  # the first step's staged settings go non-blocking: no sync
+
+
+@decode_jobs
+def test_an_overlapped_decode_step_never_syncs(loaded, jobs: list[dict[str, Any]]) -> None:  # type: ignore[no-untyped-def]
+    """Async scheduling's worker job: the decode step with the previous step's tokens handed
+    over on the device (`handed_off`), the graph replay and the sampler call launched
+    (`Sampler.launch`) make no synchronizing call at all; its results come back later
+    (`SampleLaunch.finish`) and equal the synchronous step's for the same tokens."""
+    previous = [5, 9, 12]  # step k's tokens
+    setup = decode_setup(loaded, jobs, previous)
+    logits = setup.runner.execute_step(setup.decode(previous)).logits
+    want = sample_chunk(setup.sampler, logits, setup.chunk)
+    setup = decode_setup(loaded, jobs, previous)
+    handed_off = torch.tensor(previous[::-1], device=CUDA)  # on the device, in its own order
+    marked = [handed_off_id(2 - i) for i in range(3)]
+    with counted_syncs() as count:
+        result = setup.runner.execute_step(setup.decode(marked), handed_off=handed_off)
+        launch = launch_chunk(setup.sampler, result.logits, setup.chunk)
+    assert count == [0]
     assert generated_tokens(launch.finish()) == want
-    assert runner.decode_graphs is not None and runner.decode_graphs.num_padded_steps == 1
+    graphs = setup.runner.decode_graphs
+    assert graphs is not None and graphs.num_padded_steps == 1

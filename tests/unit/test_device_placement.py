@@ -182,7 +182,7 @@ def test_sampler_stays_on_the_logits_device(
             params = resolve_sampling_params(job, {"eos_token_id": EOS}, 64, len(PROMPT))
             seeded = StandInGenerator(CUDA) if params.seed is not None else None  # make_generator
             rows.append(SamplingRow.from_params(params, [*PROMPT, 8], len(PROMPT), seeded))
-        reads.bool_answer = True  # check_probs and Categorical's validation pass
+        reads.bool_answer = True  # the value checks and Categorical's validation pass
         out = Sampler(StandInGenerator(CUDA)).sample(torch.empty(3, VOCAB, device=CUDA), rows)
         assert len(out.token_ids) == 3
     assert draws, "no draw was checked"

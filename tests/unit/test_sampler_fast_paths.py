@@ -7,7 +7,12 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from app.engine.sample.logits_warpers import _top_p, _top_p_short
-from app.engine.sample.seeded_draw import NoiseFills, check_probs, gumbel_argmax
+from app.engine.sample.seeded_draw import (
+    NoiseFills,
+    gumbel_argmax,
+    invalid_codes,
+    multinomial_error,
+)
 
 
 @pytest.mark.parametrize("vocab", [51200, 3262, 777])
@@ -44,8 +49,10 @@ def test_per_row_top_p_values() -> None:
 
 def draw_seeded(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of `probs` [n, V], row j drawn with `generators[j]`: the sampler's
-    seeded draw (its noise fills and Gumbel argmax) on its own."""
-    check_probs(probs)
+    seeded draw (its validity codes, noise fills and Gumbel argmax) on its own."""
+    refused = [code for code in invalid_codes(probs).tolist() if code]
+    if refused:  # multinomial's error for the first refused row
+        raise multinomial_error(refused[0])
     fills = NoiseFills(generators, None, probs.shape[-1], probs.device)
     return gumbel_argmax(probs, fills.rows(range(len(generators))))
 

@@ -45,9 +45,9 @@ read: the engine reports the processed ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -67,6 +67,8 @@ from app.engine.sample.top_k_rows import (
     takes_top_k_path,
     warp_top_k_rows,
 )
+
+_Result = TypeVar("_Result")  # what a sampler call ends with (Sampler._run's `then`)
 
 
 @dataclass
@@ -223,7 +225,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """One token per row; a row whose probabilities multinomial would refuse raises its
         error (the first such row's) with every generator as it was before the call."""
-        return self._run(logits, rows, finish=True)  # type: ignore[return-value]
+        return self._run(logits, rows, _read_now)
 
     def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleLaunch:
         """The call's device work, queued: the tokens stay on the device (the next step's
@@ -231,11 +233,16 @@ class Sampler:
         back in one non-blocking copy that `SampleLaunch.finish` waits for. A row refused by
         multinomial's checks is reported there, per row (`SamplerOutput.invalid`): its
         generator has drawn, and its request fails."""
-        return self._run(logits, rows, finish=False)  # type: ignore[return-value]
+        return self._run(logits, rows, _start_copy)
 
     def _run(
-        self, logits: torch.Tensor, rows: Sequence[SamplingRow], finish: bool
-    ) -> SamplerOutput | SampleLaunch:
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SamplingRow],
+        then: Callable[[SampleLaunch], _Result],
+    ) -> _Result:
+        """The call's device work, then `then` on it; if either raises, every generator is
+        put back as it was (as multinomial, a failed call draws nothing)."""
         _check_shape(logits, rows)
         plan = _Plan.of(rows, logits.shape[-1], logits.device)
         sampling = sorted(plan.full + plan.top_k)  # the noise rows follow the batch order
@@ -244,16 +251,10 @@ class Sampler:
             [rows[i].generator for i in sampling], self.generator, logits.shape[-1], logits.device
         )
         try:
-            launch = self._launch(logits, rows, plan, fills, {i: j for j, i in enumerate(sampling)})
-            if not finish:
-                launch.start_copy()
-                return launch
-            out = launch.finish()
-            if out.invalid:
-                raise multinomial_error(next(iter(out.invalid.values())))
-            return out
+            noise_of = {i: j for j, i in enumerate(sampling)}
+            return then(self._launch(logits, rows, plan, fills, noise_of))
         except BaseException:
-            fills.rewind()  # as multinomial, a failed call leaves the generators untouched
+            fills.rewind()
             raise
 
     def _launch(
@@ -368,6 +369,20 @@ class Sampler:
         n = min(max(prow[p].top_n for p in asking), lp.shape[-1])
         values, top = torch.topk(lp, n, dim=-1)
         return plain + sparse, values, top
+
+
+def _read_now(launch: SampleLaunch) -> SamplerOutput:
+    """`sample`'s end: the results read at once; multinomial's error for a refused row."""
+    out = launch.finish()
+    if out.invalid:
+        raise multinomial_error(next(iter(out.invalid.values())))
+    return out
+
+
+def _start_copy(launch: SampleLaunch) -> SampleLaunch:
+    """`launch`'s end: the copy back started, nothing read."""
+    launch.start_copy()
+    return launch
 
 
 def _read_only(rows: Sequence[SamplingRow]) -> bool:

@@ -10,7 +10,8 @@ the engine's generator, a request's n > 1 siblings) fill one block in row order,
 call: the numbers one batched multinomial over those rows would use. If the sampler call
 fails, `rewind` puts every generator back where it was, as multinomial raises before it
 draws; a retry then draws the same numbers. Rows whose probabilities are invalid fail with
-multinomial's own error (`probs_invalid`, read back with the tokens; then `raise_invalid`).
+multinomial's own error (`invalid_codes`, a code per row read back with the tokens; then
+`multinomial_error`).
 """
 
 from __future__ import annotations
@@ -116,23 +117,6 @@ class NoiseFills:
             gen.set_state(state)
 
 
-def probs_invalid(probs: torch.Tensor) -> torch.Tensor:
-    """Whether some row is not a valid distribution (finite, >= 0, sum > 0), multinomial's
-    check, as a 0-dim bool on the device: the sampler reads it back with its tokens instead
-    of syncing here."""
-    if probs.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=probs.device)
-    ok = (probs.max() < float("inf")) & (probs.min() >= 0) & ~(probs.sum(1) == 0).any()
-    return ~ok  # NaN fails both comparisons: invalid
-
-
-def raise_invalid(probs: torch.Tensor) -> None:
-    """Raise multinomial's own error for the first invalid row of ``probs``."""
-    for j in range(probs.shape[0]):
-        torch.multinomial(probs[j : j + 1], 1)  # raises for the first invalid row
-    raise RuntimeError("invalid multinomial distribution")  # unreachable: one row raised
-
-
 # multinomial's verdict on one row of probabilities, as `invalid_codes` reports it.
 VALID, BAD_VALUES, ZERO_SUM = 0, 1, 2
 
@@ -157,12 +141,6 @@ def multinomial_error(code: int) -> RuntimeError:
     except RuntimeError as err:
         return err
     raise AssertionError(f"code {code}: multinomial accepted the row")
-
-
-def check_probs(probs: torch.Tensor) -> None:
-    """Raise multinomial's error if a row is not a valid distribution (finite, >= 0, sum > 0)."""
-    if bool(probs_invalid(probs)):
-        raise_invalid(probs)
 
 
 def gumbel_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
